@@ -1,0 +1,506 @@
+"""Training and inference throughput (images/s) of roadmap steps beside timm's reference models.
+
+python -m ablations.benchmark [--steps baseline,separate_downsampling] [--regime r50] [--device auto|cpu|cuda]
+    [--batch-size N] [--img-size 224] [--modes fp32,bf16] [--channels-last] [--compile] [--flops]
+    [--csv PATH] [--markdown docs/benchmark.md]
+
+Every model is built once per dtype mode and measured in the same process, interleaved (repeat r visits every
+model in turn), so slow drift of the machine (clocks, other jobs) hits all models alike; the median over repeats
+is reported. The targets: baseline >= 0.95x timm resnet50 and separate_downsampling >= 0.95x timm convnext_tiny
+on CPU, >= 1.0x on GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import nn
+
+from models import STEPS, build_model
+
+# regime -> (timm reference, the roadmap step with exactly its architecture)
+TIMM_REFS = {
+    "r50": (("resnet50", "baseline"), ("convnext_tiny", "separate_downsampling")),
+    "r200": (("resnet200", "baseline"), ("convnext_base", "separate_downsampling")),
+}
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+TARGET = {"cpu": 0.95, "cuda": 1.0}  # ours / timm throughput we aim for
+CSV_COLUMNS = [
+    "model",
+    "kind",
+    "step",
+    "mode",
+    "dtype",
+    "channels_last",
+    "compile",
+    "batch",
+    "img_size",
+    "train_img_s",
+    "infer_img_s",
+    "train_img_s_all",
+    "infer_img_s_all",
+    "params",
+    "ref",
+    "train_ratio",
+    "infer_ratio",
+    "device",
+    "torch",
+]
+DEFAULTS = {"cuda": {"batch_size": 128, "warmup": 3, "iters": 10}, "cpu": {"batch_size": 32, "warmup": 1, "iters": 3}}
+
+
+def model_factories(
+    steps: Iterable[str], regime: str = "r50", num_classes: int = 1000, timm_refs: bool = True
+) -> dict[str, Callable[[], nn.Module]]:
+    """Name -> zero-argument builder for the roadmap steps and (optionally) the regime's timm references.
+
+    Each timm reference follows right after its paired step (or comes last when that step is not chosen), so
+    the two models of a ratio are measured back to back.
+    """
+    import timm
+
+    out: dict[str, Callable[[], nn.Module]] = {}
+    refs = dict((step, name) for name, step in TIMM_REFS[regime]) if timm_refs else {}
+    for step in steps:
+        out[step] = lambda s=step: build_model(s, regime, num_classes=num_classes)
+        if step in refs:
+            name = refs.pop(step)
+            out[name] = lambda n=name: timm.create_model(n, num_classes=num_classes)
+    for name in refs.values():
+        out[name] = lambda n=name: timm.create_model(n, num_classes=num_classes)
+    return out
+
+
+def mode_name(dtype: str, channels_last: bool, compile: bool) -> str:
+    """Short label of a measurement mode, e.g. 'bf16+cl+compile'."""
+    return dtype + ("+cl" if channels_last else "") + ("+compile" if compile else "")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+class _Runner:
+    """One model on the device with its optimizer, input batch and the two timed loops."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        device: torch.device,
+        batch_size: int,
+        img_size: int,
+        num_classes: int,
+        dtype: str,
+        channels_last: bool,
+        compile: bool,
+    ):
+        self.device, self.batch_size, self.img_size, self.num_classes = device, batch_size, img_size, num_classes
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.params = sum(p.numel() for p in model.parameters())
+        self.in_chans = _in_chans(model)
+        model = model.to(device=device, memory_format=self.memory_format)
+        # The optimizer holds the plain module's parameters; the compiled wrapper shares them.
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        self.model = torch.compile(model) if compile else model
+        self.compile = compile
+        self.criterion = nn.CrossEntropyLoss()
+        cast = DTYPES[dtype]
+        self.autocast = (lambda: torch.autocast(device.type, dtype=cast)) if cast else contextlib.nullcontext
+        # Compiled graphs and inference_mode tensors have not always mixed well; no_grad is safe for both.
+        self.no_grad = torch.no_grad if compile else torch.inference_mode
+
+    def _batch(self):
+        x = torch.randn(self.batch_size, self.in_chans, self.img_size, self.img_size, device=self.device)
+        y = torch.randint(0, self.num_classes, (self.batch_size,), device=self.device)
+        return x.contiguous(memory_format=self.memory_format), y
+
+    def train(self, warmup: int, iters: int) -> float:
+        """Images/s of forward + backward + AdamW step, after `warmup` untimed steps."""
+        self.model.train()
+        x, y = self._batch()
+
+        def step():
+            with self.autocast():
+                loss = self.criterion(self.model(x), y)
+            loss.backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+        return self._time(step, warmup, iters)
+
+    def infer(self, warmup: int, iters: int) -> float:
+        """Images/s of the eval-mode forward pass without autograd, after `warmup` untimed passes."""
+        self.model.eval()
+        x, _ = self._batch()
+
+        def step():
+            with self.no_grad(), self.autocast():
+                self.model(x)
+
+        return self._time(step, warmup, iters)
+
+    def _time(self, step: Callable[[], None], warmup: int, iters: int) -> float:
+        for _ in range(warmup):
+            step()
+        _sync(self.device)
+        t = time.perf_counter()
+        for _ in range(iters):
+            step()
+        _sync(self.device)
+        return self.batch_size * iters / (time.perf_counter() - t)
+
+
+def _in_chans(model: nn.Module) -> int:
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return m.in_channels
+    return 3
+
+
+def benchmark(
+    models: dict[str, Callable[[], nn.Module]],
+    *,
+    device: str | torch.device = "cpu",
+    batch_size: int = 32,
+    img_size: int = 224,
+    num_classes: int = 1000,
+    repeats: int = 5,
+    warmup: int = 1,
+    iters: int = 3,
+    dtype: str = "fp32",
+    channels_last: bool = False,
+    compile: bool = False,
+    progress: bool | None = None,
+) -> pd.DataFrame:
+    """Median train and infer images/s of every model (name -> builder), interleaved over `repeats`; one row each.
+
+    All models stay built (with their AdamW state) across repeats, so each is built and compiled once; only the
+    per-visit tensors are freed between models. With `compile`, the first visit warms up at least twice per loop so
+    that compilation never lands in a timed iteration.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    device = torch.device(device)
+    runners = {}
+    for name, make in models.items():
+        torch.manual_seed(0)  # identical random init across runs: the kernels then see the same numbers
+        runners[name] = _Runner(make(), device, batch_size, img_size, num_classes, dtype, channels_last, compile)
+    train: dict[str, list[float]] = {n: [] for n in runners}
+    infer: dict[str, list[float]] = {n: [] for n in runners}
+    bar = _progress(repeats * len(runners), progress)
+    try:
+        for r in range(repeats):
+            for name, runner in runners.items():
+                w = max(warmup, 2) if compile and r == 0 else warmup
+                bar.set_postfix_str(f"repeat {r + 1}/{repeats} {name}", refresh=False)
+                train[name].append(runner.train(w, iters))
+                infer[name].append(runner.infer(w, iters))
+                _free(device)  # the batch and activations of this model must not crowd the next one
+                bar.update()
+    finally:
+        bar.close()
+        params = {n: r.params for n, r in runners.items()}
+        del runners
+        _free(device)
+    mode = mode_name(dtype, channels_last, compile)
+    rows = [
+        {
+            "model": n,
+            "mode": mode,
+            "dtype": dtype,
+            "channels_last": channels_last,
+            "compile": compile,
+            "batch": batch_size,
+            "img_size": img_size,
+            "train_img_s": statistics.median(train[n]),
+            "infer_img_s": statistics.median(infer[n]),
+            "train_img_s_all": ";".join(f"{v:.2f}" for v in train[n]),
+            "infer_img_s_all": ";".join(f"{v:.2f}" for v in infer[n]),
+            "params": params[n],
+            "device": device_name(device),
+            "torch": torch.__version__,
+        }
+        for n in models
+    ]
+    return pd.DataFrame(rows)
+
+
+def _progress(total: int, enabled: bool | None):
+    # tqdm on stderr, and off when stderr is not a terminal (disable=None), so it never mixes into the table.
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency, but the benchmark must not need it
+        enabled = False
+    if enabled is False:
+        return _NoBar()
+    return tqdm(total=total, file=sys.stderr, leave=False, disable=None if enabled is None else not enabled)
+
+
+class _NoBar:
+    """Stand-in for a tqdm bar when progress is off."""
+
+    def set_postfix_str(self, *a, **k):
+        """Ignore."""
+
+    def update(self, *a, **k):
+        """Ignore."""
+
+    def close(self):
+        """Ignore."""
+
+
+def device_name(device: torch.device) -> str:
+    """Human-readable device: the GPU's name, or the CPU model and core count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor()
+    if not cpu:  # empty on most Linux systems; /proc/cpuinfo has the model name
+        with contextlib.suppress(OSError):
+            cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "")
+    return f"{cpu or platform.machine()} ({os.cpu_count()} CPUs)"
+
+
+def add_ratios(df: pd.DataFrame, regime: str = "r50") -> pd.DataFrame:
+    """Add kind, step, ref and the ours/timm train and infer ratios (for the two reference pairs) per mode."""
+    df = df.copy()
+    ref_of = {step: name for name, step in TIMM_REFS[regime]}
+    timm_names = set(ref_of.values())
+    df["kind"] = ["timm" if m in timm_names else "roadmap" for m in df["model"]]
+    # A timm row's step is the roadmap step with exactly its architecture, so the pairs join on (step, mode).
+    df["step"] = [{n: s for n, s in TIMM_REFS[regime]}.get(m, m) for m in df["model"]]
+    df["ref"] = [ref_of.get(m, "") if k == "roadmap" else "" for m, k in zip(df["model"], df["kind"])]
+    for col in ("train", "infer"):
+        ratio = []
+        for _, row in df.iterrows():
+            ref = df[(df["model"] == row["ref"]) & (df["mode"] == row["mode"])] if row["ref"] else df.iloc[:0]
+            ratio.append(row[f"{col}_img_s"] / ref[f"{col}_img_s"].iloc[0] if len(ref) else math.nan)
+        df[f"{col}_ratio"] = ratio
+    return df[[c for c in CSV_COLUMNS if c in df.columns] + [c for c in df.columns if c not in CSV_COLUMNS]]
+
+
+def time_flops(regime: str = "r50", img_size: int = 224, rows: Callable | None = None) -> tuple[float, int]:
+    """Seconds fvcore takes to count the whole roadmap table (steps and kernel variants), and the row count.
+
+    `rows` stands in for ablations.complexity.roadmap_rows (tests pass a fake; counting at 224px takes a while).
+    """
+    if rows is None:
+        from ablations.complexity import roadmap_rows as rows  # fvcore is imported only when asked for
+
+    t = time.perf_counter()
+    n = sum(1 for _ in rows(regime, img_size))
+    return time.perf_counter() - t, n
+
+
+def format_table(df: pd.DataFrame, markdown: bool = False, target: float | None = None) -> str:
+    """The table of one mode: step | kind | train img/s | infer img/s | train and infer ratio vs timm."""
+    head = ["model", "kind", "train img/s", "infer img/s", "train vs timm", "infer vs timm"]
+
+    def ratio(row, col):
+        if row["kind"] == "timm":
+            return "(ref)"
+        v = row[f"{col}_ratio"]
+        if math.isnan(v):
+            return ""
+        mark = "" if target is None else (" ok" if v >= target else " LOW")
+        return f"{v:.3f}x{mark}"
+
+    body = [
+        [
+            r["model"],
+            r["kind"],
+            f"{r['train_img_s']:.1f}",
+            f"{r['infer_img_s']:.1f}",
+            ratio(r, "train"),
+            ratio(r, "infer"),
+        ]
+        for _, r in df.iterrows()
+    ]
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join([":--", ":--"] + ["--:"] * 4) + "|"]
+        return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body])
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    fmt = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([fmt(head), "  ".join("-" * w for w in widths)] + [fmt(b) for b in body])
+
+
+def _positive_int(s: str) -> int:
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _non_negative_int(s: str) -> int:
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def _dtype_list(s: str) -> list[str]:
+    out = [m.strip() for m in s.split(",") if m.strip()]
+    bad = [m for m in out if m not in DTYPES]
+    if bad or not out:
+        raise argparse.ArgumentTypeError(f"modes must be a comma list of {'|'.join(DTYPES)}, got {s!r}")
+    return list(dict.fromkeys(out))
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line; device-dependent defaults (batch, warmup, iters) are resolved in main()."""
+    ap = argparse.ArgumentParser(prog="python -m ablations.benchmark", description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", default="all", help="comma list of roadmap steps, or 'all' (default)")
+    ap.add_argument("--regime", default="r50", choices=sorted(TIMM_REFS))
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--batch-size", type=_positive_int, help="default 128 on cuda, 32 on cpu")
+    ap.add_argument("--img-size", type=_positive_int, default=224)
+    ap.add_argument("--num-classes", type=_positive_int, default=1000)
+    ap.add_argument("--repeats", type=_positive_int, default=5)
+    ap.add_argument("--warmup", type=_non_negative_int, help="untimed iterations per visit (default 3 cuda, 1 cpu)")
+    ap.add_argument("--iters", type=_positive_int, help="timed iterations per visit (default 10 cuda, 3 cpu)")
+    ap.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="bf16 = torch.autocast bfloat16")
+    ap.add_argument("--modes", type=_dtype_list, help="several dtypes in one run, e.g. fp32,bf16 (overrides --dtype)")
+    ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False)
+    ap.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="torch.compile every model (the warm-up covers compilation)",
+    )
+    ap.add_argument(
+        "--timm",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure timm's reference models too (needed for the ratios)",
+    )
+    ap.add_argument("--flops", action="store_true", help="also time fvcore counting of the roadmap table at 224px")
+    ap.add_argument("--csv", help="default runs/benchmark/benchmark_<device>_<timestamp>.csv")
+    ap.add_argument("--markdown", help="also write the tables as Markdown here (e.g. docs/benchmark.md)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    return ap.parse_args(argv)
+
+
+def resolve_steps(spec: str) -> tuple[list[str], list[str]]:
+    """The chosen steps in roadmap order, and any unknown names."""
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    if names == ["all"]:
+        return list(STEPS), []
+    bad = [s for s in names if s not in STEPS]
+    return [s for s in STEPS if s in names], bad
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark from the command line; print the tables and write CSV (and Markdown)."""
+    args = parse_args(argv)
+    steps, bad = resolve_steps(args.steps)
+    if bad or not steps:
+        print(
+            f"benchmark: error: unknown step(s) {', '.join(bad) or repr(args.steps)}; "
+            f"valid steps: {', '.join(STEPS)} (or 'all')",
+            file=sys.stderr,
+        )
+        return 2
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("benchmark: error: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
+        return 2
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else "cpu"
+        if args.device == "auto"
+        else args.device
+    )
+    d = DEFAULTS[device.type]
+    batch = args.batch_size or d["batch_size"]
+    warmup = d["warmup"] if args.warmup is None else args.warmup
+    iters = args.iters or d["iters"]
+    dtypes = args.modes or [args.dtype]
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels, for every model
+
+    command = "python -m ablations.benchmark " + shlex.join(sys.argv[1:] if argv is None else list(argv))
+    import timm
+
+    now = datetime.datetime.now()
+    header = [
+        f"date: {now.isoformat(timespec='seconds')}",
+        f"device: {device.type}, {device_name(device)}; torch {torch.__version__}; timm {timm.__version__}; "
+        f"threads {torch.get_num_threads()}",
+        f"regime {args.regime}; batch {batch}; img {args.img_size}; classes {args.num_classes}; "
+        f"modes {','.join(dtypes)}; channels_last {args.channels_last}; compile {args.compile}; "
+        f"repeats {args.repeats} x (warmup {warmup} + iters {iters}), median",
+        f"command: {command}",
+    ]
+    print("\n".join(header), flush=True)
+
+    factories = model_factories(steps, args.regime, args.num_classes, args.timm)
+    frames = []
+    target = TARGET[device.type]
+    sections = []
+    for dtype in dtypes:
+        df = benchmark(
+            factories,
+            device=device,
+            batch_size=batch,
+            img_size=args.img_size,
+            num_classes=args.num_classes,
+            repeats=args.repeats,
+            warmup=warmup,
+            iters=iters,
+            dtype=dtype,
+            channels_last=args.channels_last,
+            compile=args.compile,
+            progress=False if args.no_progress else None,
+        )
+        df = add_ratios(df, args.regime)
+        frames.append(df)
+        mode = df["mode"].iloc[0]
+        print(f"\n[{mode}] (ratio = ours / timm; target >= {target}x on {device.type})")
+        print(format_table(df, target=target), flush=True)
+        sections.append((mode, format_table(df, markdown=True, target=target)))
+    result = pd.concat(frames, ignore_index=True)
+
+    footer = []
+    if args.flops:
+        secs, n = time_flops(args.regime)
+        footer.append(f"fvcore counting of the {args.regime} roadmap table ({n} rows at 224px): {secs:.1f}s")
+        print("\n" + footer[-1])
+
+    csv = Path(args.csv or f"runs/benchmark/benchmark_{device.type}_{now:%Y%m%d-%H%M%S}.csv")
+    csv.parent.mkdir(parents=True, exist_ok=True)
+    result.to_csv(csv, index=False)
+    print(f"\nwrote {csv}")
+    if args.markdown:
+        md = Path(args.markdown)
+        md.parent.mkdir(parents=True, exist_ok=True)
+        text = ["# Throughput benchmark", "", *[f"- {h}" for h in header], ""]
+        for mode, table in sections:
+            text += [f"## {mode}", "", f"Ratio = ours / timm; target >= {target}x on {device.type}.", "", table, ""]
+        text += [f"- {f}" for f in footer]
+        md.write_text("\n".join(text).rstrip() + "\n")
+        print(f"wrote {md}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""fvcore complexity of roadmap models, and the roadmap table side by side with the paper.
+
+python -m ablations.complexity --regime r50 [--img-size 224 --num-classes 1000] [--golden tests/golden/x.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+from fvcore.nn import ActivationCountAnalysis, FlopCountAnalysis
+
+from ablations import ROADMAP, VARIANTS
+from models import build_model
+
+PAPER_OPS = ("conv", "linear")  # the paper counts multiply-adds of conv and linear layers only
+
+
+def complexity(model: torch.nn.Module, img_size: int = 224, in_chans: int | None = None) -> dict:
+    """params, gflops (conv+linear multiply-adds), gflops_total (fvcore's total) and activations (M)."""
+    in_chans = in_chans or model.stem.conv.in_channels
+    was_training = model.training
+    model.eval()  # fvcore traces; count the plain module in eval mode (never a compiled one)
+    x = torch.zeros(1, in_chans, img_size, img_size)
+    with torch.no_grad():
+        flops = FlopCountAnalysis(model, x).unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        by_op = flops.by_operator()
+        acts = ActivationCountAnalysis(model, x).unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        n_acts = acts.total()
+    model.train(was_training)
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "gflops": sum(by_op.get(op, 0) for op in PAPER_OPS) / 1e9,
+        "gflops_total": flops.total() / 1e9,
+        "activations_m": n_acts / 1e6,
+    }
+
+
+def roadmap_rows(regime: str = "r50", img_size: int = 224, num_classes: int = 1000, variants: bool = True, **overrides):
+    """Yield one dict per step (and kernel variant) with our complexity and the paper's numbers."""
+    entries = [(s.name, s.name, {}) for s in ROADMAP]
+    if variants:
+        entries += [
+            (v, step, {k.split(".")[-1]: x for k, x in ov.items() if k.startswith("model.")})
+            for v, (step, ov, _) in VARIANTS.items()
+            if "train" not in ov
+        ]
+    from ablations import paper
+
+    for name, step, extra in entries:
+        t = time.perf_counter()
+        c = complexity(build_model(step, regime, num_classes=num_classes, **{**overrides, **extra}), img_size)
+        p = paper(name)
+        yield {
+            "name": name,
+            "step": step,
+            **c,
+            "paper_gflops": p.gflops.get(regime),
+            "paper_top1": p.top1.get(regime),
+            "count_s": time.perf_counter() - t,
+        }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--regime", default="r50", choices=["r50", "r200"])
+    ap.add_argument("--img-size", type=int, default=224)
+    ap.add_argument("--num-classes", type=int, default=1000)
+    ap.add_argument("--no-variants", action="store_true", help="skip the kernel 5/9/11 variants")
+    ap.add_argument("--golden", help="also write the rows as JSON here (the tests' golden file)")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    rows = []
+    print(f"{'step':24s} {'params':>12s} {'GFLOPs':>7s} {'paper':>6s} {'fvcore':>7s} {'acts(M)':>8s} {'top1*':>6s}")
+    for r in roadmap_rows(args.regime, args.img_size, args.num_classes, not args.no_variants):
+        rows.append(r)
+        pg = "" if r["paper_gflops"] is None else f"{r['paper_gflops']:.1f}"
+        print(
+            f"{r['name']:24s} {r['params']:12,d} {r['gflops']:7.3f} {pg:>6s} {r['gflops_total']:7.3f} "
+            f"{r['activations_m']:8.2f} {r['paper_top1'] or '':>6}",
+            flush=True,
+        )
+    print(
+        f"\n{args.regime} at {args.img_size}px, {args.num_classes} classes; GFLOPs = conv+linear multiply-adds "
+        f"(paper convention), fvcore = fvcore's full total; *paper ImageNet top-1. "
+        f"Counted in {time.perf_counter() - t0:.1f}s."
+    )
+    if args.golden:
+        keep = ("name", "params", "gflops", "gflops_total")
+        with open(args.golden, "w") as f:
+            json.dump(
+                {
+                    "regime": args.regime,
+                    "img_size": args.img_size,
+                    "num_classes": args.num_classes,
+                    "rows": [{k: r[k] for k in keep} for r in rows],
+                },
+                f,
+                indent=1,
+            )
+        print(f"wrote {args.golden}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

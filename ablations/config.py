@@ -1,0 +1,100 @@
+"""Structured-config schema for run_ablation.py, registered in Hydra's ConfigStore.
+
+The model part is models.ModelConfig itself, so a mistyped model field fails at compose time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from models import ModelConfig, Regime
+
+
+@dataclass
+class DataConfig:
+    """Which data set and how it is fed."""
+
+    name: str = "fashion_mnist"  # fashion_mnist | cifar10 | cifar100 | imagefolder | synthetic
+    root: Optional[str] = None  # folder holding the data set's files
+    num_classes: int = 10
+    img_size: int = 32  # training and test resolution (square)
+    in_memory: bool = True  # keep decoded images as one tensor and augment in batches (fast path)
+    download: bool = False  # let torchvision download when files are missing (needs internet)
+    train_subset: Optional[int] = None  # use only the first N training images (tests, quick looks)
+    test_subset: Optional[int] = None  # use only the first N test images
+    workers: int = 2  # DataLoader workers (image folders)
+    mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    synthetic_size: int = 512  # images per split for data=synthetic
+
+
+@dataclass
+class TrainConfig:
+    """A training recipe; every field is overridable (train.epochs=..., train.mixup=0, ...)."""
+
+    name: str = "modern"
+    epochs: float = 300
+    batch_size: int = 4096  # global batch (summed over processes and accumulation steps)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    optimizer: str = "adamw"  # any timm.optim.create_optimizer_v2 name: adamw, sgd, lamb, ...
+    lr: float = 4e-3  # at batch lr_base_batch
+    lr_base_batch: int = 4096
+    lr_scaling: str = "linear"  # linear | sqrt | none: how lr follows batch_size / lr_base_batch
+    min_lr: float = 1e-6
+    momentum: float = 0.9  # sgd momentum / adamw beta1
+    weight_decay: float = 0.05
+    sched: str = "cosine"  # cosine | step
+    warmup_epochs: float = 20
+    warmup_lr: float = 1e-6
+    decay_epochs: float = 30  # step schedule: decay every N epochs
+    decay_rate: float = 0.1
+    label_smoothing: float = 0.1
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_switch_prob: float = 0.5
+    randaug: Optional[str] = "rand-m9-mstd0.5-inc1"  # timm auto-augment string; null: off
+    reprob: float = 0.25  # random erasing probability
+    hflip: float = 0.5  # horizontal flip probability
+    translate: float = 0.125  # in-memory data: random shift up to this fraction of the image (zero fill)
+    drop_path_rate: float = 0.1  # stochastic depth
+    ema: bool = False  # the roadmap runs train without EMA (it hurts BatchNorm models)
+    ema_decay: float = 0.9999
+    clip_grad: Optional[float] = None
+    eval_every: int = 1  # evaluate every N epochs (and always after the last)
+
+
+@dataclass
+class RunConfig:
+    """The whole composed config of one run."""
+
+    step: str = "large_kernel"
+    bar: str = "${step}"  # figure bar: the step, or an ablations.VARIANTS name
+    profile: str = "cpu"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    amp: bool = True  # bf16 autocast on CUDA
+    channels_last: bool = True  # memory format of model and batches
+    compile: bool = False  # torch.compile the training model (CUDA)
+    pretrained: Optional[str] = None  # local checkpoint to start from
+    progress: bool = True  # tqdm bar per epoch
+    max_steps: Optional[int] = None  # stop each epoch after N optimizer steps (smoke tests)
+    regime: Regime = field(default_factory=Regime)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _suffix(override_dirname: str) -> str:
+    # run folders name the overrides that change results: runs/.../large_kernel_model.kernel_size=5/seed0
+    return f"_{override_dirname}" if override_dirname else ""
+
+
+def register() -> None:
+    """Register the schema as `roadmap_schema` (conf/config.yaml names it first) and the `roadmap.suffix` resolver."""
+    ConfigStore.instance().store(name="roadmap_schema", node=RunConfig)
+    if not OmegaConf.has_resolver("roadmap.suffix"):
+        OmegaConf.register_new_resolver("roadmap.suffix", _suffix)

@@ -1,0 +1,275 @@
+"""Gather run folders (one per trained bar x seed) into tables: one row per run, one row per (regime, bar)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from ablations import ROADMAP, VARIANTS, Step, paper
+from analysis import find_run_dirs
+
+# Figure order, top to bottom: the recipe bar, then the roadmap, with the non-adopted kernels next to the adopted one.
+FIGURE_ORDER: list[str] = ["baseline_classic"]
+for _step in ROADMAP:
+    FIGURE_ORDER.append(_step.name)
+    if _step.name == "large_kernel":
+        FIGURE_ORDER += [v for v in VARIANTS if v.startswith("large_kernel_")]
+FIGURE_ORDER += [v for v in VARIANTS if v not in FIGURE_ORDER]  # future variants: still before unknown bars
+ORDER = {name: i for i, name in enumerate(FIGURE_ORDER)}
+
+RUN_COLUMNS = [
+    "run_dir", "bar", "step", "seed", "regime", "profile", "data", "recipe", "status", "error", "top1", "top5",
+    "params", "gflops", "gflops_total", "train_gflops", "epochs", "epochs_planned", "wall_s", "device", "order",
+]  # fmt: skip
+COMPLEXITY_KEYS = ("params", "gflops", "gflops_total", "train_gflops")
+NAN = float("nan")
+
+
+def bar_order(bar) -> int:
+    """Position of a bar in the figure, unknown bars last."""
+    return ORDER.get(bar, len(FIGURE_ORDER))
+
+
+def paper_step(bar) -> Step | None:
+    """The paper's Step for a bar name, None for bars the paper does not have."""
+    try:
+        return paper(bar)
+    except (KeyError, TypeError):
+        return None
+
+
+def _read_json(path: Path):
+    """Parsed JSON of path, None when missing; raises ValueError when present but unreadable."""
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path.name}: {e}") from e
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    """Epoch records of metrics.jsonl; a torn last line (trainer mid-write) or junk lines are skipped."""
+    if not path.exists():
+        return []
+    records = []
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict):
+            records.append(rec)
+    return records
+
+
+def _num(value) -> float:
+    """value as float, NaN for None/strings/garbage."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return NAN
+    return out
+
+
+def _get(cfg: dict, *keys, default=None):
+    """Nested dict lookup that tolerates missing keys and non-dict nodes."""
+    node = cfg
+    for key in keys:
+        if not isinstance(node, dict) or key not in node:
+            return default
+        node = node[key]
+    return node
+
+
+def _name(node):
+    """A config group's name: groups are dicts with a name key, but accept a bare string too."""
+    return node.get("name") if isinstance(node, dict) else node
+
+
+def load_run(run_dir: str | Path) -> dict:
+    """One row for one run folder; never raises, a folder it cannot read gets status 'broken'."""
+    run_dir = Path(run_dir)
+    row = {c: NAN for c in RUN_COLUMNS}
+    row.update(run_dir=str(run_dir), status="running", error="")
+    errors = []
+
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.exists():
+        cfg_path = run_dir / ".hydra" / "config.yaml"
+    try:
+        cfg = yaml.safe_load(cfg_path.read_text())
+        if not isinstance(cfg, dict):
+            raise ValueError("not a mapping")
+    except Exception as e:  # any YAML/OS error: the row must still exist
+        errors.append(f"config.yaml: {e}")
+        cfg = {}
+    step = cfg.get("step")
+    row.update(
+        step=step,
+        bar=cfg.get("bar") or step,  # old runs have no bar key: then the bar is the step
+        seed=cfg.get("seed"),
+        regime=_name(cfg.get("regime")),
+        profile=cfg.get("profile"),
+        data=_name(cfg.get("data")),
+        recipe=_name(cfg.get("train")),
+        epochs_planned=_num(_get(cfg, "train", "epochs")),
+    )
+
+    try:
+        summary = _read_json(run_dir / "summary.json")
+        if summary is not None and not isinstance(summary, dict):
+            raise ValueError("summary.json: not an object")
+    except ValueError as e:
+        errors.append(str(e))
+        summary = None
+    try:
+        complexity = _read_json(run_dir / "complexity.json")
+        complexity = complexity if isinstance(complexity, dict) else {}
+    except ValueError:
+        complexity = {}  # the summary repeats these numbers; a bad complexity.json alone is no reason for 'broken'
+    metrics = _read_metrics(run_dir / "metrics.jsonl")
+
+    epochs = [int(e) for e in (_num(m.get("epoch")) for m in metrics) if not math.isnan(e)]
+    row["epochs"] = max(epochs) if epochs else (len(metrics) if metrics else 0)
+    last = metrics[-1] if metrics else {}
+    row["top1"], row["top5"] = _num(last.get("top1")), _num(last.get("top5"))
+
+    if summary is not None:
+        row["status"] = summary.get("status") or "finished"
+        row["error"] = str(summary.get("error") or "")
+        for key in ("top1", "top5", "wall_s"):
+            if key in summary:
+                row[key] = _num(summary[key])
+        row["device"] = summary.get("device", NAN)
+        for key in ("step", "bar", "regime", "profile", "seed"):
+            if row.get(key) is None and summary.get(key) is not None:  # e.g. config.yaml unreadable
+                row[key] = summary[key]
+        if row["epochs"] == 0 and summary.get("epochs") is not None:
+            row["epochs"] = int(_num(summary["epochs"])) if not math.isnan(_num(summary["epochs"])) else 0
+    for key in COMPLEXITY_KEYS:
+        value = _num((summary or {}).get(key))
+        row[key] = value if not math.isnan(value) else _num(complexity.get(key))
+
+    if errors:
+        row.update(status="broken", error="; ".join(errors), top1=NAN, top5=NAN)
+    if row["bar"] is None and row["step"] is not None:
+        row["bar"] = row["step"]
+    row["order"] = bar_order(row["bar"])
+    return row
+
+
+def collect(paths: Iterable[str | Path] | str | Path) -> pd.DataFrame:
+    """One row per run folder found (recursively) under any of paths: status, top-1, complexity, epochs."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    rows = [load_run(d) for d in find_run_dirs(paths)]
+    df = pd.DataFrame(rows, columns=RUN_COLUMNS)
+    df = df.sort_values(["regime", "order", "bar", "seed", "run_dir"], na_position="last", key=_sort_key)
+    return df.reset_index(drop=True)
+
+
+def _sort_key(col: pd.Series) -> pd.Series:
+    """Sort key that tolerates mixed types (seed may be None in a broken run)."""
+    if col.name in ("order",):
+        return col
+    if col.name == "seed":
+        return pd.to_numeric(col, errors="coerce")
+    return col.astype(str)
+
+
+def summarize(df: pd.DataFrame, fill_missing: bool = True) -> pd.DataFrame:
+    """One row per (regime, bar) in figure order: our top-1 mean/std over finished seeds beside the paper's numbers.
+
+    With fill_missing, every bar of the paper's figure appears for each regime present, as status 'missing' when
+    no run of it exists, so the figure shows what is still to do.
+    """
+    df = df[df["bar"].notna()].copy()
+    df["regime"] = df["regime"].fillna("unknown")
+    regimes = sorted(df["regime"].unique(), key=lambda r: (r != "r50", str(r)))
+    rows = []
+    for regime in regimes:
+        sub = df[df["regime"] == regime]
+        bars = list(dict.fromkeys(sub.sort_values("order", kind="stable")["bar"]))
+        if fill_missing:
+            bars = sorted(set(bars) | set(FIGURE_ORDER), key=lambda b: (bar_order(b), str(b)))
+        for bar in bars:
+            rows.append(_summary_row(regime, bar, sub[sub["bar"] == bar]))
+    columns = [
+        "regime", "bar", "step", "title", "status", "gflops", "gflops_total", "params", "top1_mean", "top1_std", "n",
+        "n_failed", "n_running", "n_broken", "running_top1", "epochs_done", "epochs_planned", "profile", "recipe",
+        "paper_top1", "paper_gflops", "adopted", "order",
+    ]  # fmt: skip
+    return pd.DataFrame(rows, columns=columns).reset_index(drop=True)
+
+
+def _first(values: pd.Series) -> float:
+    """Median of the non-NaN values (runs of one bar share their architecture), NaN if none."""
+    values = pd.to_numeric(values, errors="coerce").dropna()
+    return float(values.median()) if len(values) else NAN
+
+
+def _title(ref: Step | None, bar, regime: str) -> str:
+    """Display title of a bar; the paper's titles name ResNet-50, which is ResNet-200 in the r200 regime."""
+    if ref is None:
+        return str(bar)
+    return ref.title.replace("ResNet-50", "ResNet-200") if regime == "r200" else ref.title
+
+
+def _summary_row(regime: str, bar: str, runs: pd.DataFrame) -> dict:
+    """The summary row of one (regime, bar) from its runs (possibly none)."""
+    ref = paper_step(bar)
+    finished = runs[runs["status"] == "finished"]
+    running = runs[runs["status"] == "running"]
+    top1 = pd.to_numeric(finished["top1"], errors="coerce").dropna()
+    n = len(finished)
+    if n:
+        status = "finished"
+    elif len(running):
+        status = "running"
+    elif (runs["status"] == "failed").any():
+        status = "failed"
+    elif len(runs):
+        status = "broken"
+    else:
+        status = "missing"
+    default_step = VARIANTS[bar][0] if bar in VARIANTS else bar
+    step = runs["step"].dropna().iloc[0] if runs["step"].notna().any() else default_step
+    complexity_src = finished if n else runs  # a running run's complexity.json is as good as a finished one's
+    return {
+        "regime": regime,
+        "bar": bar,
+        "step": step,
+        "title": _title(ref, bar, regime),
+        "status": status,
+        "gflops": _first(complexity_src["gflops"]),
+        "gflops_total": _first(complexity_src["gflops_total"]),
+        "params": _first(complexity_src["params"]),
+        "top1_mean": float(top1.mean()) if len(top1) else NAN,
+        "top1_std": float(top1.std(ddof=1)) if len(top1) >= 2 else NAN,
+        "n": n,
+        "n_failed": int((runs["status"] == "failed").sum()),
+        "n_running": len(running),
+        "n_broken": int((runs["status"] == "broken").sum()),
+        "running_top1": _first(running["top1"]) if len(running) else NAN,
+        "epochs_done": float(pd.to_numeric(running["epochs"], errors="coerce").max()) if len(running) else NAN,
+        "epochs_planned": _first(runs["epochs_planned"]),
+        "profile": ",".join(sorted(map(str, runs["profile"].dropna().unique()))),
+        "recipe": ",".join(sorted(map(str, runs["recipe"].dropna().unique()))),
+        "paper_top1": ref.top1.get(regime, NAN) if ref else NAN,
+        "paper_gflops": ref.gflops.get(regime, NAN) if ref else NAN,
+        "adopted": ref.adopted if ref else True,
+        "order": bar_order(bar),
+    }
+
+
+__all__ = ["FIGURE_ORDER", "bar_order", "collect", "find_run_dirs", "load_run", "summarize", "paper_step"]

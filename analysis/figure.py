@@ -1,0 +1,523 @@
+"""The roadmap figure (the paper's Fig. 2 with our numbers beside the paper's) and accuracy vs GFLOPs."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib as mpl
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.collections import LineCollection
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+
+from ablations import ROADMAP, SWIN, VARIANTS
+
+# The paper's Fig. 2 groups the steps under these headings (left margin); we colour bars by group instead.
+GROUPS = [
+    ("ResNet", "#7f7f7f", ["baseline_classic", "baseline"]),
+    ("macro design", "#4c72b0", ["stage_ratio", "patchify_stem"]),
+    ("ResNeXt", "#dd8452", ["depthwise_conv", "increase_width"]),
+    ("inverted bottleneck", "#55a868", ["inverted_bottleneck"]),
+    ("large kernel", "#c44e52", ["move_up_dwconv", "large_kernel", *[v for v in VARIANTS if v.startswith("large_")]]),
+    ("micro design", "#8172b3", ["gelu", "fewer_activations", "fewer_norms", "bn_to_ln", "separate_downsampling"]),
+]
+GROUP_OF = {bar: (label, colour) for label, colour, bars in GROUPS for bar in bars}
+UNKNOWN_GROUP = ("other", "#bcbd22")
+ROADMAP_NAMES = [s.name for s in ROADMAP]
+ARCH = {"r50": ("ResNet-50", "ConvNeXt-T"), "r200": ("ResNet-200", "ConvNeXt-B")}
+STATUS_COLOUR = {"running": "#1f77b4", "failed": "#d62728", "broken": "#d62728", "missing": "#7f7f7f"}
+HATCH = "///"
+
+
+STYLE = {
+    "font.size": 10,
+    "axes.titlesize": 11,
+    "axes.labelsize": 10,
+    "xtick.labelsize": 9,
+    "ytick.labelsize": 10,
+    "legend.fontsize": 9,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": False,
+    "grid.alpha": 0.35,
+    "grid.linestyle": ":",
+    "hatch.linewidth": 0.8,
+    "savefig.dpi": 150,
+    "svg.fonttype": "none",  # searchable, small SVGs; the tests also find bar ids and labels in them
+}
+
+
+def set_plot_style() -> None:
+    """Make the project's figure style (readable sizes, light grid, text kept as text in SVG) the global default."""
+    mpl.rcParams.update(STYLE)
+
+
+def _new_figure(figsize) -> Figure:
+    """A Figure on its own Agg canvas: no pyplot, so no global backend switch and nothing to close."""
+    fig = Figure(figsize=figsize, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, out_stem: Path) -> list[Path]:
+    """Write out_stem.png and out_stem.svg, return both paths."""
+    out_stem = Path(out_stem)
+    out_stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for ext in ("png", "svg"):
+        path = out_stem.with_name(out_stem.name + f".{ext}")
+        fig.savefig(path)
+        paths.append(path)
+    return paths
+
+
+def _colour(bar: str) -> str:
+    """Group colour of a bar."""
+    return GROUP_OF.get(bar, UNKNOWN_GROUP)[1]
+
+
+def _for_regime(summary: pd.DataFrame, regime: str) -> pd.DataFrame:
+    """Rows of one regime in figure order (all rows when the table has no regime column)."""
+    s = summary
+    if "regime" in s.columns:
+        s = s[s["regime"] == regime]
+    if "order" in s.columns:
+        s = s.sort_values("order", kind="stable")
+    return s.reset_index(drop=True)
+
+
+def _isnum(x) -> bool:
+    """True for a finite number."""
+    try:
+        return math.isfinite(float(x))
+    except (TypeError, ValueError):
+        return False
+
+
+def _fmt(x, digits=1, suffix="") -> str:
+    """A number for a label, an en dash when unknown."""
+    return f"{float(x):.{digits}f}{suffix}" if _isnum(x) else "–"
+
+
+def _zoom(values: list[float], left_room: float = 0.45, right_room: float = 0.12) -> tuple[float, float]:
+    """X limits around the data, not from 0 (as in the paper), so step-to-step differences are visible."""
+    values = [v for v in values if _isnum(v)]
+    if not values:
+        return 0.0, 100.0
+    lo, hi = min(values), max(values)
+    span = max(hi - lo, 0.5)
+    return max(lo - left_room * span, 0.0), min(hi + right_room * span, 100.0 + right_room * span)
+
+
+def _subtitle(s: pd.DataFrame) -> str:
+    """What our runs are: profile, recipes, finished seeds per bar."""
+    parts = []
+    for col in ("profile", "recipe"):
+        if col in s.columns:
+            vals = sorted({v for cell in s[col].dropna() for v in str(cell).split(",") if v})
+            if vals:
+                parts.append(f"{col} {', '.join(vals)}")
+    if "n" in s.columns and (s["n"] > 0).any():
+        ns = sorted(set(s.loc[s["n"] > 0, "n"].astype(int)))
+        parts.append(f"{'–'.join(map(str, [ns[0], ns[-1]] if len(ns) > 1 else ns))} seed{'s' * (ns[-1] > 1)} per bar")
+    return " · ".join(parts)
+
+
+def _status_label(row) -> str:
+    """Short text for a bar without a finished run: what state it is in."""
+    status = row.get("status", "missing")
+    if status == "running":
+        done, planned = row.get("epochs_done"), row.get("epochs_planned")
+        ep = f" ep {int(done)}/{int(planned)}" if _isnum(done) and _isnum(planned) else ""
+        top1 = f": {row['running_top1']:.1f}" if _isnum(row.get("running_top1")) else ""
+        return f"running{ep}{top1}"
+    if status in ("failed", "broken"):
+        k = row.get("n_failed", 0) + row.get("n_broken", 0)
+        return f"{status} ({int(k)} run{'s' if k != 1 else ''})" if _isnum(k) and k else status
+    return "finished, no top-1 recorded" if status == "finished" else "missing"
+
+
+def roadmap_figure(summary: pd.DataFrame, out_stem: Path, regime: str = "r50") -> Figure:
+    """The roadmap as horizontal bars (ours | numbers | paper), written to out_stem.png/.svg; returns the Figure.
+
+    Every bar of the summary gets exactly one bar patch in the left panel with gid 'bar:<name>' (zero width
+    when there is nothing to show), so callers can count bars in the Figure or in the SVG.
+    """
+    with mpl.rc_context(STYLE):  # the project style without changing the caller's global rcParams
+        return _roadmap_figure(summary, out_stem, regime)
+
+
+def _roadmap_figure(summary: pd.DataFrame, out_stem: Path, regime: str) -> Figure:
+    """roadmap_figure's body, run inside the style context."""
+    s = _for_regime(summary, regime)
+    n = len(s)
+    big, small = ARCH.get(regime, ("ResNet", "ConvNeXt"))
+    fig = _new_figure((14, 1.9 + 0.36 * max(n, 3)))
+    gs = fig.add_gridspec(1, 4, width_ratios=[4.3, 1.6, 2.6, 1.05])
+    ax = fig.add_subplot(gs[0])
+    axt = fig.add_subplot(gs[1], sharey=ax)  # our numbers
+    axp = fig.add_subplot(gs[2], sharey=ax)  # the paper's bars
+    axpt = fig.add_subplot(gs[3], sharey=ax)  # the paper's numbers
+    y = np.arange(n)
+
+    finished = s["status"].eq("finished") & s["top1_mean"].map(_isnum) if n else pd.Series(dtype=bool)
+    std = s["top1_std"].where(s["top1_std"].map(_isnum), 0.0) if n else pd.Series(dtype=float)
+    ends = list(s.loc[finished, "top1_mean"] + std[finished]) + list(s.loc[finished, "top1_mean"] - std[finished])
+    if n:
+        ends += [v for v in s.loc[s["status"].eq("running"), "running_top1"] if _isnum(v)]
+    x0, x1 = _zoom(ends)
+
+    for i, row in s.iterrows():
+        if i % 2 == 0:  # zebra rows across all three panels so a row can be followed from label to paper value
+            for a in (ax, axt, axp, axpt):
+                a.axhspan(i - 0.5, i + 0.5, color="#f2f2f2", zorder=0, lw=0)
+        colour, adopted = _colour(row["bar"]), bool(row.get("adopted", True))
+        hatch = None if adopted else HATCH
+        if finished.iloc[i]:
+            err = row["top1_std"] if _isnum(row["top1_std"]) else None
+            ax.barh(
+                i,
+                row["top1_mean"] - x0,
+                left=x0,
+                height=0.68,
+                color=colour,
+                alpha=0.5 if hatch else 0.9,
+                hatch=hatch,
+                edgecolor="white" if hatch else colour,
+                linewidth=0.6,
+                xerr=err,
+                error_kw={"ecolor": "black", "capsize": 2.5, "elinewidth": 1},
+                gid=f"bar:{row['bar']}",
+                zorder=2,
+            )
+        else:
+            status = row.get("status", "missing")
+            partial = status == "running" and _isnum(row.get("running_top1"))
+            width = max(row["running_top1"] - x0, 0.0) if partial else 0.0
+            # Unfinished bars: outline only, so they cannot be mistaken for results.
+            ax.barh(
+                i,
+                width,
+                left=x0,
+                height=0.68,
+                fill=False,
+                edgecolor=STATUS_COLOUR.get(status, "grey"),
+                linestyle="--",
+                linewidth=1.0,
+                gid=f"bar:{row['bar']}",
+                zorder=2,
+            )
+            ax.text(
+                x0 + 0.01 * (x1 - x0),
+                i,
+                _status_label(row),
+                va="center",
+                ha="left",
+                fontsize=8.5,
+                style="italic",
+                color=STATUS_COLOUR.get(status, "grey"),
+                zorder=3,
+            )
+
+        # Numbers column: ours.
+        axt.text(
+            0.04,
+            i,
+            _fmt(row["top1_mean"], 1) + (f" ± {row['top1_std']:.1f}" if _isnum(row["top1_std"]) else ""),
+            va="center",
+            ha="left",
+            fontsize=9,
+            color="black" if finished.iloc[i] else "grey",
+        )
+        axt.text(
+            0.60,
+            i,
+            _fmt(row["gflops"], 2 if _isnum(row["gflops"]) and row["gflops"] < 10 else 1),
+            va="center",
+            ha="left",
+            fontsize=9,
+        )
+        # n = finished runs; "finished/all" in red when some runs of the bar failed or are still going.
+        total = sum(int(row.get(k, 0) or 0) for k in ("n", "n_failed", "n_running", "n_broken"))
+        n_done = int(row.get("n", 0) or 0)
+        axt.text(
+            0.97,
+            i,
+            f"{n_done}/{total}" if total != n_done else f"{n_done}",
+            va="center",
+            ha="right",
+            fontsize=9,
+            color="#d62728" if total != n_done else "black",
+        )
+
+    ax.set_xlim(x0, x1)
+    ax.set_ylim(max(n, 1) - 0.5, -0.5)  # first bar at the top, as in the paper
+    ax.set_yticks(y, list(s["title"]) if n else [])
+    ax.set_xlabel("top-1 accuracy (%), mean ± std over seeds")
+    ax.set_title(f"Ours ({regime})", loc="left", fontweight="bold")
+    ax.set_title(_subtitle(s), loc="right", fontsize=8.5, color="dimgrey")
+    ax.grid(axis="x", zorder=1)
+    ax.tick_params(axis="y", length=0)
+    if not n:
+        ax.text(0.5, 0.5, "no runs", transform=ax.transAxes, ha="center", va="center", color="grey")
+
+    _column_headers(axt, [(0.04, "left", "top-1"), (0.60, "left", "GFLOPs"), (0.97, "right", "n")] if n else [])
+
+    _paper_panel(axp, axpt, s, regime)
+    fig.suptitle(f"{big} → {small}: the modernization roadmap", fontsize=13, fontweight="bold")
+    _roadmap_legend(fig, s, regime)
+    _save(fig, out_stem)
+    return fig
+
+
+def _column_headers(axt, headers: list[tuple[float, str, str]]) -> None:
+    """Bold headers above a numbers column (an axes with the axis switched off)."""
+    axt.set_xlim(0, 1)
+    axt.axis("off")
+    for x, ha, label in headers:
+        axt.text(x, -0.75, label, ha=ha, va="bottom", fontsize=9, fontweight="bold", clip_on=False)
+
+
+def _paper_panel(axp, axpt, s: pd.DataFrame, regime: str) -> None:
+    """Right-hand panels: the paper's ImageNet-1K top-1 bars for the same bars, and its top-1/GFLOPs as numbers."""
+    top = [v for v in s.get("paper_top1", []) if _isnum(v)]
+    swin = SWIN.get(regime)
+    p0, p1 = _zoom(top + ([swin[1]] if swin and top else []), left_room=0.3, right_room=0.08)
+    has_gflops = len(s) > 0 and s["paper_gflops"].map(_isnum).any()  # the paper gives r200 GFLOPs nowhere
+    for i, row in s.iterrows():
+        if not _isnum(row.get("paper_top1")):
+            axp.text(p0 + 0.01 * (p1 - p0), i, "not in paper", va="center", fontsize=8.5, style="italic", color="grey")
+            continue
+        adopted, colour = bool(row.get("adopted", True)), _colour(row["bar"])
+        axp.barh(
+            i,
+            row["paper_top1"] - p0,
+            left=p0,
+            height=0.68,
+            color=colour,
+            alpha=0.35 if adopted else 0.25,
+            hatch=None if adopted else HATCH,
+            edgecolor=colour,
+            linewidth=0.6,
+            zorder=2,
+        )
+        axpt.text(0.08, i, f"{row['paper_top1']:.1f}", va="center", ha="left", fontsize=9)
+        if has_gflops:
+            axpt.text(0.62, i, _fmt(row.get("paper_gflops"), 1), va="center", ha="left", fontsize=9)
+    if swin and top:
+        axp.axvline(swin[1], color="black", linestyle="--", linewidth=0.9, zorder=3)
+    axp.set_xlim(p0, p1)
+    axp.set_xlabel("ImageNet-1K top-1 (%)")
+    axp.set_title("Paper (Liu et al. 2022, Fig. 2)", loc="left", fontweight="bold")
+    axp.grid(axis="x", zorder=1)
+    axp.tick_params(axis="y", left=False, labelleft=False)
+    headers = [(0.08, "left", "top-1"), *([(0.62, "left", "GFLOPs")] if has_gflops else [])]
+    _column_headers(axpt, headers if len(s) else [])
+
+
+def _roadmap_legend(fig: Figure, s: pd.DataFrame, regime: str) -> None:
+    """Legend under the panels: groups present, hatch = not adopted, dashed = Swin, outline = unfinished."""
+    bars = set(s["bar"]) if len(s) else set()
+    handles = [Patch(color=c, label=label) for label, c, members in GROUPS if bars & set(members)]
+    if bars - set(GROUP_OF):
+        handles.append(Patch(color=UNKNOWN_GROUP[1], label=UNKNOWN_GROUP[0]))
+    if len(s) and not s["adopted"].astype(bool).all():
+        handles.append(Patch(facecolor="white", edgecolor="grey", hatch=HATCH, label="not adopted"))
+    if len(s) and s["status"].ne("finished").any():
+        handles.append(Patch(fill=False, edgecolor="grey", linestyle="--", label="no finished run yet"))
+    swin = SWIN.get(regime)
+    if swin:
+        handles.append(Line2D([], [], color="black", linestyle="--", label=f"{swin[0]} (paper): {swin[1]:.1f}"))
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 5), frameon=False)
+
+
+def _obstacles(ax, renderer) -> np.ndarray:
+    """Display-space boxes (x0, y0, x1, y1) covering the markers, lines, error bars and texts already in ax."""
+    boxes = [tuple(t.get_window_extent(renderer).extents) for t in ax.texts]
+
+    def trace(xy: np.ndarray, joined: bool, r: float) -> None:
+        """Boxes along a polyline (sampled every few pixels) or around each vertex."""
+        xy = xy[np.isfinite(xy).all(axis=1)]
+        if joined and len(xy) > 1:
+            for a, b in zip(xy[:-1], xy[1:]):
+                k = max(int(np.hypot(*(b - a)) / 3), 1)
+                xy = np.vstack([xy, a + np.linspace(0, 1, k + 1)[:, None] * (b - a)])
+        boxes.extend((x - r, y - r, x + r, y + r) for x, y in xy)
+
+    for line in ax.get_lines():
+        xy = line.get_transform().transform(np.column_stack(line.get_data()).astype(float))
+        joined = line.get_linestyle() not in ("None", "none", "", " ")
+        trace(xy, joined, 1.5 if joined else 4.5)
+    for coll in ax.collections:  # error bars
+        if isinstance(coll, LineCollection):
+            for seg in coll.get_segments():
+                trace(coll.get_transform().transform(np.asarray(seg, dtype=float)), True, 1.5)
+    return np.array(boxes, dtype=float).reshape(-1, 4)
+
+
+def _place_labels(fig: Figure, ax, points: list[tuple[float, float, str, str]], fontsize: float = 8) -> None:
+    """Label points without overlaps: try offsets around each point, nearest first, keep the first free spot.
+
+    Candidate boxes are computed from each label's measured size, so only the chosen label is ever drawn.
+    """
+    fig.canvas.draw()  # settles the constrained layout so display coordinates are final
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    taken = _obstacles(ax, renderer)
+    px = fig.dpi / 72  # offsets are in points, boxes in pixels
+    angles = [0, 180, 90, 270, 30, 150, 330, 210, 60, 120, 300, 240]
+    radii = (6, 12, 20, 30, 42, 56, 72)
+    for x, y, label, colour in points:
+        probe = ax.text(0, 0, label, fontsize=fontsize)
+        bb = probe.get_window_extent(renderer)
+        probe.remove()
+        w, h = bb.width + 2, bb.height + 2
+        x_d, y_d = ax.transData.transform((x, y))
+        best, best_hits = None, None
+        for r in radii:
+            for a in angles:
+                dx, dy = r * math.cos(math.radians(a)), r * math.sin(math.radians(a))
+                ha = "left" if dx > 1 else "right" if dx < -1 else "center"
+                va = "bottom" if dy > 1 else "top" if dy < -1 else "center"
+                ax0 = x_d + dx * px - {"left": 0, "right": w, "center": w / 2}[ha]
+                ay0 = y_d + dy * px - {"bottom": 0, "top": h, "center": h / 2}[va]
+                box = (ax0, ay0, ax0 + w, ay0 + h)
+                if box[0] < frame.x0 or box[2] > frame.x1 or box[1] < frame.y0 or box[3] > frame.y1:
+                    continue
+                hits = int(
+                    np.count_nonzero(
+                        (taken[:, 0] < box[2])
+                        & (taken[:, 2] > box[0])
+                        & (taken[:, 1] < box[3])
+                        & (taken[:, 3] > box[1])
+                    )
+                )
+                if best_hits is None or hits < best_hits:
+                    best, best_hits = (dx, dy, ha, va, r, box), hits
+                if hits == 0:
+                    break
+            if best_hits == 0:
+                break
+        if best is None:  # no spot inside the axes at all: put it beside the point anyway
+            best = (6, 0, "left", "center", 6, (x_d, y_d, x_d + w, y_d + h))
+        dx, dy, ha, va, r, box = best
+        arrow = {"arrowstyle": "-", "color": colour, "lw": 0.6, "shrinkA": 1, "shrinkB": 3} if r > 12 else None
+        # Far from its point (or points that coincide): a leader line says which point the label belongs to.
+        t = ax.annotate(
+            label,
+            (x, y),
+            xytext=(dx, dy),
+            textcoords="offset points",
+            ha=ha,
+            va=va,
+            fontsize=fontsize,
+            color=colour,
+            zorder=5,
+            arrowprops=arrow,
+        )
+        t.set_in_layout(False)
+        taken = np.vstack([taken, box])
+
+
+def _trajectory(
+    ax,
+    s: pd.DataFrame,
+    xcol: str,
+    ycol: str,
+    ecol: str | None,
+    title: str,
+    xlabel: str,
+    empty: str = "no finished runs",
+) -> int:
+    """One accuracy-vs-GFLOPs panel: roadmap steps joined in order, variants as open markers; returns #points."""
+    pts = s[s[xcol].map(_isnum) & s[ycol].map(_isnum)] if len(s) else s
+    if not len(pts):
+        ax.text(0.5, 0.5, empty, transform=ax.transAxes, ha="center", va="center", color="grey")
+        ax.set_title(title, loc="left", fontweight="bold")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        return 0
+    main = pts[pts["bar"].isin(ROADMAP_NAMES)]
+    main = main.assign(_k=main["bar"].map(ROADMAP_NAMES.index)).sort_values("_k")
+    ax.plot(main[xcol], main[ycol], "-", color="#555555", linewidth=1, zorder=2)
+    labels = []
+    for _, row in pts.iterrows():
+        colour = _colour(row["bar"])
+        on_path = row["bar"] in ROADMAP_NAMES
+        err = row[ecol] if ecol and _isnum(row.get(ecol)) else None
+        ax.errorbar(
+            row[xcol],
+            row[ycol],
+            yerr=err,
+            fmt="o",
+            ms=6,
+            mfc=colour if on_path else "white",
+            mec=colour,
+            mew=1.4,
+            ecolor=colour,
+            elinewidth=1,
+            capsize=2,
+            zorder=3,
+        )
+        labels.append((row[xcol], row[ycol], row["title"], colour))
+    ax.set_title(title, loc="left", fontweight="bold")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("top-1 (%)")
+    ax.grid(True)
+    ax.margins(x=0.25, y=0.18)  # room for labels inside the axes
+    _place_labels(ax.figure, ax, labels)
+    return len(pts)
+
+
+def flops_figure(summary: pd.DataFrame, out_stem: Path, regime: str = "r50") -> Figure:
+    """Top-1 vs GFLOPs, ours beside the paper's, steps joined in roadmap order; writes out_stem.png/.svg."""
+    with mpl.rc_context(STYLE):
+        return _flops_figure(summary, out_stem, regime)
+
+
+def _flops_figure(summary: pd.DataFrame, out_stem: Path, regime: str) -> Figure:
+    """flops_figure's body, run inside the style context."""
+    s = _for_regime(summary, regime)
+    big, small = ARCH.get(regime, ("ResNet", "ConvNeXt"))
+    fig = _new_figure((14, 6.2))
+    ax, axp = fig.subplots(1, 2)
+    ours = s[s["status"].eq("finished")] if len(s) else s
+    _trajectory(ax, ours, "gflops", "top1_mean", "top1_std", f"Ours ({regime})", "GFLOPs (ours, training resolution)")
+    swin = SWIN.get(regime)
+    if swin and len(s) and s["paper_gflops"].map(_isnum).any():  # drawn first so labels avoid it
+        axp.axhline(swin[1], color="black", linestyle="--", linewidth=0.8, zorder=1)
+        axp.text(
+            0.01,
+            swin[1],
+            f" {swin[0]} {swin[1]:.1f} ({swin[2]} GF)",
+            transform=axp.get_yaxis_transform(),
+            va="bottom",
+            fontsize=8,
+        )
+    _trajectory(
+        axp,
+        s,
+        "paper_gflops",
+        "paper_top1",
+        None,
+        "Paper (ImageNet-1K, 224²)",
+        "GFLOPs",
+        empty="the paper gives no GFLOPs for this regime",
+    )
+    grey = "#555555"
+    handles = [
+        Line2D([], [], marker="o", color=grey, mfc=grey, label="roadmap step (joined in order)"),
+        Line2D([], [], marker="o", linestyle="", color=grey, mfc="white", label="variant (not on the path)"),
+    ]
+    fig.legend(handles=handles, loc="outside lower center", ncol=2, frameon=False)
+    fig.suptitle(f"{big} → {small}: accuracy vs. compute", fontsize=13, fontweight="bold")
+    _save(fig, out_stem)
+    return fig
+
+
+__all__ = ["GROUPS", "STYLE", "flops_figure", "roadmap_figure", "set_plot_style"]

@@ -1,0 +1,118 @@
+"""Train and evaluate one roadmap step: python run_ablation.py step=large_kernel [key=value ...] [-m for sweeps]."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from ablations.config import register
+from models import ConfigError
+
+register()
+log = logging.getLogger("roadmap")
+IGNORED = ("progress", "device", "hydra")  # keys that may differ when a run folder is reused
+
+
+def _plain(cfg) -> dict:
+    return {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in IGNORED}
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _diff(x, y, f"{prefix}{k}.")
+        elif x != y:
+            out.append(f"{prefix}{k}: {x!r} -> {y!r}")
+    return out
+
+
+def prepare_run_dir(cfg: DictConfig, run_dir: str) -> dict | None:
+    """Write config.yaml; refuse a folder holding another config; return the summary of a finished run."""
+    path = os.path.join(run_dir, "config.yaml")
+    new = _plain(cfg)
+    if os.path.exists(path):
+        diff = _diff(_plain(OmegaConf.load(path)), new)
+        if diff:
+            raise ConfigError(
+                f"run folder {run_dir} already holds a run with a different config ({'; '.join(diff[:5])}). "
+                "Nothing was changed: pick another folder with hydra.run.dir=..., or delete that one."
+            )
+        summary = os.path.join(run_dir, "summary.json")
+        if os.path.exists(summary):
+            with open(summary) as f:
+                s = json.load(f)
+            if s.get("status") == "finished":
+                return s
+    else:
+        os.makedirs(run_dir, exist_ok=True)
+        OmegaConf.save(OmegaConf.create(new), path)
+    return None
+
+
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    """Compose, build, train, write; user mistakes print one paragraph, no traceback."""
+    from ablations.train import TrainingDiverged, train, write_json
+
+    hc = HydraConfig.get()
+    run_dir = hc.runtime.output_dir
+    multirun = hc.mode == RunMode.MULTIRUN
+    rank = int(os.environ.get("RANK", 0))
+    try:
+        done = prepare_run_dir(cfg, run_dir) if rank == 0 else None
+        if done is not None:
+            log.info(
+                "already finished: %s (top-1 %.2f%%, %s epochs); summary in %s",
+                run_dir,
+                done["top1"],
+                done["epochs"],
+                os.path.join(run_dir, "summary.json"),
+            )
+            return done["top1"]
+        summary = train(cfg, run_dir)
+        log.info(
+            "done: top-1 %.2f%% top-5 %.2f%% in %.0fs -> %s",
+            summary["top1"],
+            summary["top5"],
+            summary["wall_s"],
+            run_dir,
+        )
+        return summary["top1"]
+    except (ConfigError, TrainingDiverged) as e:
+        msg = f"error: {e}"
+    except Exception as e:  # keep a sweep going; single runs re-raise below
+        if not multirun:
+            raise
+        msg = f"error: {type(e).__name__}: {e}"
+    if os.path.isdir(run_dir):
+        write_json(
+            os.path.join(run_dir, "summary.json"),
+            {"status": "failed", "error": msg, "step": cfg.step, "bar": cfg.bar, "seed": cfg.seed},
+        )
+    print(msg, file=sys.stderr)
+    if not multirun:
+        sys.exit(2)
+    return None
+
+
+def _default_profile(argv: list[str]) -> list[str]:
+    """Pick profile=gpu when CUDA is present and the command line names no profile."""
+    if any(a.startswith(("profile=", "+profile=")) for a in argv[1:]):
+        return argv
+    import torch
+
+    return argv + ["profile=gpu"] if torch.cuda.is_available() else argv
+
+
+if __name__ == "__main__":
+    sys.argv = _default_profile(sys.argv)
+    main()

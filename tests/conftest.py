@@ -1,0 +1,51 @@
+"""Shared fixtures: Hydra composition of conf/ and a tiny Fashion-MNIST-format folder."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from ablations.config import register
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = str(ROOT / "conf")
+register()
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def compose_cfg():
+    """compose_cfg(*overrides) -> the composed config, exactly as run_ablation.py would see it (no hydra node)."""
+
+    def _compose(*overrides: str, return_hydra_config: bool = False):
+        with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+            return compose("config", overrides=list(overrides), return_hydra_config=return_hydra_config)
+
+    return _compose
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write a uint8 array as a gzipped idx file (the MNIST family's format)."""
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture
+def fmnist_dir(tmp_path) -> Path:
+    """A tiny learnable Fashion-MNIST-format folder: class k is a bright bar at row 2k (train 200, test 100)."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 200), ("t10k", 100)):
+        y = rng.integers(0, 10, n)
+        x = rng.integers(0, 40, (n, 28, 28))
+        for i, k in enumerate(y):
+            x[i, 2 * k + 3 : 2 * k + 6, 4:24] = 255
+        write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", x)
+        write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", y)
+    return tmp_path

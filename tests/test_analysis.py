@@ -1,0 +1,265 @@
+"""Tests for analysis: collecting fabricated run folders, the tables, the figures, the CLI and the Hydra callback."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+# The editable install may date from before ablations/ and analysis/ had an __init__.py (it then maps them as
+# namespace packages without their contents); the repository root first on the path makes them regular packages.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ablations import ROADMAP, VARIANTS
+from analysis import analyze, collect, roadmap_figure, set_plot_style, summarize
+from analysis.callback import RoadmapFigureCallback
+from analysis.collect import FIGURE_ORDER
+
+REPO = Path(__file__).resolve().parents[1]
+ALL_BARS = [s.name for s in ROADMAP] + list(VARIANTS)
+
+
+def write_run(
+    root: Path,
+    bar: str,
+    seed: int = 0,
+    status: str | None = "finished",
+    top1: float = 80.0,
+    regime: str = "r50",
+    epochs: int = 3,
+    metrics: int | None = None,
+    gflops: float = 4.2,
+) -> Path:
+    """Fabricate one run folder laid out like a sweep: config.yaml, complexity.json, metrics.jsonl, summary.json."""
+    step = VARIANTS[bar][0] if bar in VARIANTS else bar
+    run = root / bar / f"seed{seed}"
+    (run / ".hydra").mkdir(parents=True)
+    cfg = {
+        "step": step,
+        "bar": bar,
+        "seed": seed,
+        "regime": {"name": regime},
+        "profile": "cpu",
+        "data": {"name": "fashion_mnist"},
+        "train": {"name": "classic" if bar == "baseline_classic" else "modern", "epochs": epochs},
+        "model": {"kernel_size": 7},
+    }
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))  # Hydra's copy: must not count as a run
+    cx = {
+        "params": 1000,
+        "gflops": gflops,
+        "gflops_total": gflops + 0.1,
+        "activations_m": 1.0,
+        "train_gflops": 3 * gflops,
+    }
+    (run / "complexity.json").write_text(json.dumps(cx))
+    n_metrics = epochs if metrics is None else metrics
+    lines = [
+        {
+            "epoch": e + 1,
+            "train_loss": 1.0 / (e + 1),
+            "lr": 0.1,
+            "top1": top1 - (n_metrics - e - 1),
+            "top5": 99.0,
+            "epoch_s": 1.0,
+            "img_per_s": 100.0,
+        }
+        for e in range(n_metrics)
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+    if status is not None:
+        summary = {
+            "status": status,
+            "step": step,
+            "bar": bar,
+            "regime": regime,
+            "profile": "cpu",
+            "seed": seed,
+            "top1": top1 if status == "finished" else None,
+            "top5": 99.0,
+            **cx,
+            "epochs": epochs,
+            "wall_s": 12.5,
+            "device": "cpu",
+        }
+        if status == "failed":
+            summary["error"] = "RuntimeError: boom"
+        (run / "summary.json").write_text(json.dumps(summary))
+    return run
+
+
+def fake_top1(bar: str, seed: int) -> float:
+    """A deterministic top-1 per bar and seed (seeds differ by 0.2, so std = 0.2/sqrt(2))."""
+    return 85.0 + 0.25 * FIGURE_ORDER.index(bar) + 0.2 * seed
+
+
+@pytest.fixture(scope="module")
+def full_sweep(tmp_path_factory) -> Path:
+    """13 roadmap steps + 4 variants, 2 seeds each, all finished."""
+    root = tmp_path_factory.mktemp("sweep")
+    for bar in ALL_BARS:
+        for seed in (0, 1):
+            write_run(root, bar, seed, top1=fake_top1(bar, seed), gflops=1.0 + 0.1 * FIGURE_ORDER.index(bar))
+    return root
+
+
+@pytest.fixture(scope="module")
+def analyzed(full_sweep, tmp_path_factory):
+    """analyze() on the full sweep, written to a separate folder."""
+    out = tmp_path_factory.mktemp("out")
+    return analyze([full_sweep], out_dir=out), out
+
+
+def test_collect_finished_failed_running(tmp_path):
+    """A finished, a failed and a running run: three rows with their statuses and numbers."""
+    write_run(tmp_path, "baseline", status="finished", top1=81.0, epochs=3)
+    write_run(tmp_path, "gelu", status="failed", epochs=3, metrics=1, top1=40.0)
+    write_run(tmp_path, "large_kernel_k5", status=None, epochs=10, metrics=2, top1=55.0)
+    df = collect([tmp_path])
+    assert len(df) == 3
+    rows = df.set_index("bar")
+    assert rows.loc["baseline", "status"] == "finished"
+    assert rows.loc["baseline", "top1"] == 81.0
+    assert rows.loc["baseline", "epochs"] == 3 and rows.loc["baseline", "epochs_planned"] == 3
+    assert rows.loc["gelu", "status"] == "failed" and "boom" in rows.loc["gelu", "error"]
+    assert rows.loc["large_kernel_k5", "status"] == "running"
+    assert rows.loc["large_kernel_k5", "top1"] == 55.0  # last epoch's top-1
+    assert rows.loc["large_kernel_k5", "epochs"] == 2 and rows.loc["large_kernel_k5", "epochs_planned"] == 10
+    assert rows.loc["large_kernel_k5", "step"] == "large_kernel"
+    assert rows.loc["large_kernel_k5", "gflops"] == 4.2  # from complexity.json, no summary yet
+    assert rows.loc["baseline", "recipe"] == "modern" and rows.loc["baseline", "regime"] == "r50"
+    assert list(df["bar"]) == ["baseline", "large_kernel_k5", "gelu"]  # figure order
+
+
+def test_collect_tolerates_broken_folders(tmp_path):
+    """Unreadable JSON, empty or torn metrics, bad YAML: rows marked, no crash, figure still drawn."""
+    good = write_run(tmp_path, "baseline", top1=81.0)
+    bad = write_run(tmp_path, "gelu", status=None)
+    (bad / "summary.json").write_text("{not json")
+    empty = write_run(tmp_path, "bn_to_ln", status=None, metrics=0)
+    torn = write_run(tmp_path, "fewer_norms", status=None, metrics=2, top1=50.0)
+    with open(torn / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 3, "top')  # the trainer was mid-write
+    no_cfg = tmp_path / "garbage" / "seed0"
+    no_cfg.mkdir(parents=True)
+    (no_cfg / "config.yaml").write_text(": : [")
+    (tmp_path / "stray" / ".hydra").mkdir(parents=True)
+    (tmp_path / "stray" / ".hydra" / "config.yaml").write_text("step: baseline\n")  # no trainer output: not a run
+    df = collect([tmp_path, good])  # overlapping paths count each run once
+    rows = df.set_index("run_dir")
+    assert len(df) == 5
+    assert rows.loc[str(bad.resolve()), "status"] == "broken" and math.isnan(rows.loc[str(bad.resolve()), "top1"])
+    assert rows.loc[str(empty.resolve()), "status"] == "running" and rows.loc[str(empty.resolve()), "epochs"] == 0
+    assert math.isnan(rows.loc[str(empty.resolve()), "top1"])
+    assert rows.loc[str(torn.resolve()), "epochs"] == 2 and rows.loc[str(torn.resolve()), "top1"] == 50.0
+    assert rows.loc[str(no_cfg.resolve()), "status"] == "broken"
+    s = summarize(df)  # and the table and figure still come out
+    assert set(s.loc[s["bar"] == "gelu", "status"]) == {"broken"}
+    set_plot_style()
+    fig = roadmap_figure(s, tmp_path / "fig", regime="r50")
+    assert (tmp_path / "fig.png").exists() and (tmp_path / "fig.svg").exists()
+    assert len(_bars(fig)) == len(s[s["regime"] == "r50"])
+
+
+def _bars(fig) -> list[str]:
+    """gids of the roadmap bars drawn in the left panel of a roadmap figure."""
+    return [p.get_gid() for p in fig.axes[0].patches if (p.get_gid() or "").startswith("bar:")]
+
+
+def test_analyze_full_table(analyzed, full_sweep):
+    """The full figure (13 steps + 4 variants, 2 seeds): every output file, one CSV row per run."""
+    written, out = analyzed
+    for name in ("results.csv", "results.md", "roadmap.png", "roadmap.svg", "roadmap_flops.png", "roadmap_flops.svg"):
+        assert name in written and (out / name).stat().st_size > 0, name
+    assert not any(n.endswith("_r200.png") for n in written)
+    runs = pd.read_csv(out / "results.csv")
+    assert len(runs) == 2 * len(ALL_BARS)
+    assert set(runs["status"]) == {"finished"}
+    md = (out / "results.md").read_text()
+    assert "ResNet-50 (original recipe)" in md and "kernel sz. → 9 (not adopted)" in md
+    assert md.count("\n|") == len(ALL_BARS) + 1  # header separator + one line per bar
+
+
+def test_summary_mean_std_and_order(full_sweep):
+    """Figure order, mean/std over seeds and the paper's numbers in the summary."""
+    s = summarize(collect([full_sweep]))
+    assert list(s["bar"]) == FIGURE_ORDER
+    assert FIGURE_ORDER[:2] == ["baseline_classic", "baseline"]
+    k = FIGURE_ORDER.index("large_kernel")
+    assert FIGURE_ORDER[k + 1 : k + 4] == ["large_kernel_k5", "large_kernel_k9", "large_kernel_k11"]
+    row = s.set_index("bar").loc["gelu"]
+    assert row["n"] == 2
+    assert row["top1_mean"] == pytest.approx((fake_top1("gelu", 0) + fake_top1("gelu", 1)) / 2)
+    assert row["top1_std"] == pytest.approx(0.2 / math.sqrt(2))
+    assert row["paper_top1"] == 80.6 and row["paper_gflops"] == 4.2 and bool(row["adopted"])
+    assert not s.set_index("bar").loc["large_kernel_k11", "adopted"]
+
+
+def test_roadmap_figure_one_bar_per_summary_row(analyzed, full_sweep):
+    """The roadmap SVG has exactly one bar per summary row."""
+    # analyze's SVG: each bar patch carries gid "bar:<name>" (the Figure itself is checked in the broken-folder test).
+    s = summarize(collect([full_sweep]))
+    svg = (analyzed[1] / "roadmap.svg").read_text()
+    assert svg.count('id="bar:') == len(s) == len(ALL_BARS)
+    assert all(f'id="bar:{b}"' in svg for b in s["bar"])
+
+
+def test_callback_writes_figures_missing_bars_and_two_regimes(tmp_path):
+    """The callback analyses a sweep: both regimes' figures, missing and running bars."""
+    # One sweep folder analysed through the Hydra callback, as at the end of a multirun.
+    write_run(tmp_path / "a", "baseline", 0, top1=80.0)
+    write_run(tmp_path / "a", "baseline", 1, top1=80.4)
+    write_run(tmp_path / "a", "gelu", 0, status=None, metrics=1, epochs=4, top1=60.0)
+    write_run(tmp_path / "b", "baseline", 0, regime="r200", top1=82.0)
+    RoadmapFigureCallback().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
+    for name in (
+        "roadmap.png",
+        "roadmap.svg",
+        "roadmap_r200.png",
+        "roadmap_r200.svg",
+        "roadmap_flops.png",
+        "roadmap_flops_r200.svg",
+        "results.md",
+    ):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert len(pd.read_csv(tmp_path / "results.csv")) == 4
+    s = summarize(collect([tmp_path]))
+    r50 = s[s["regime"] == "r50"].set_index("bar")
+    assert len(r50) == len(FIGURE_ORDER)  # bars without runs are listed as missing
+    assert r50.loc["baseline", "top1_mean"] == pytest.approx(80.2)
+    assert r50.loc["gelu", "status"] == "running" and r50.loc["gelu", "running_top1"] == 60.0
+    assert r50.loc["stage_ratio", "status"] == "missing" and r50.loc["stage_ratio", "n"] == 0
+    assert "running: 60.00" in (tmp_path / "results.md").read_text()
+    assert s.set_index(["regime", "bar"]).loc[("r200", "baseline"), "title"] == "ResNet-200 (modern recipe)"
+
+
+def test_callback_never_raises(tmp_path, caplog):
+    """A nonexistent sweep dir or no sweep dir at all is logged, not raised."""
+    cb = RoadmapFigureCallback()
+    with caplog.at_level(logging.WARNING, logger="analysis.callback"):
+        cb.on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "nope")}}}))
+        cb.on_multirun_end(OmegaConf.create({"hydra": {}}))
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 2
+
+
+@pytest.mark.parametrize("make", [False, True])
+def test_cli_bad_dir_exits_2(tmp_path, make):
+    """`python -m analysis` on a missing or empty DIR: exit 2 and a one-line message."""
+    target = tmp_path / "empty" if make else tmp_path / "missing"
+    if make:
+        target.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "analysis", str(target)], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert str(target) in proc.stderr
