@@ -26,7 +26,8 @@ def _plain(cfg) -> dict:
 
 def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     out = []
-    for k in sorted(set(a) | set(b)):
+    # top-level values (step, bar, seed) first: they say most about why the folders differ
+    for k in sorted(set(a) | set(b), key=lambda k: (isinstance(a.get(k), dict), k)):
         x, y = a.get(k), b.get(k)
         if isinstance(x, dict) and isinstance(y, dict):
             out += _diff(x, y, f"{prefix}{k}.")
@@ -67,8 +68,10 @@ def main(cfg: DictConfig) -> float | None:
     run_dir = hc.runtime.output_dir
     multirun = hc.mode == RunMode.MULTIRUN
     rank = int(os.environ.get("RANK", 0))
+    owned = False  # only a folder whose config is this run's may get a 'failed' summary
     try:
         done = prepare_run_dir(cfg, run_dir) if rank == 0 else None
+        owned = True
         if done is not None:
             log.info(
                 "already finished: %s (top-1 %.2f%%, %s epochs); summary in %s",
@@ -78,7 +81,7 @@ def main(cfg: DictConfig) -> float | None:
                 os.path.join(run_dir, "summary.json"),
             )
             return done["top1"]
-        summary = train(cfg, run_dir)
+        summary = train(cfg, run_dir, gpu_index=_sweep_gpu(hc) if multirun else None)
         log.info(
             "done: top-1 %.2f%% top-5 %.2f%% in %.0fs -> %s",
             summary["top1"],
@@ -93,7 +96,7 @@ def main(cfg: DictConfig) -> float | None:
         if not multirun:
             raise
         msg = f"error: {type(e).__name__}: {e}"
-    if os.path.isdir(run_dir):
+    if owned and rank == 0:
         write_json(
             os.path.join(run_dir, "summary.json"),
             {"status": "failed", "error": msg, "step": cfg.step, "bar": cfg.bar, "seed": cfg.seed},
@@ -102,6 +105,14 @@ def main(cfg: DictConfig) -> float | None:
     if not multirun:
         sys.exit(2)
     return None
+
+
+def _sweep_gpu(hc) -> int | None:
+    """Parallel sweeps on a machine with several GPUs (hydra/launcher=joblib): job k runs on GPU k mod count."""
+    import torch
+
+    count = torch.cuda.device_count()
+    return hc.job.num % count if count > 1 else None
 
 
 def _default_profile(argv: list[str]) -> list[str]:

@@ -158,12 +158,10 @@ class TensorLoader:
 
     def _indices(self) -> torch.Tensor:
         n = len(self.labels)
-        if self.shuffle:
-            idx = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch))
-        else:
-            idx = torch.arange(n)
-        per_rank = n // self.world if self.shuffle or self.world > 1 else n
-        return idx[: per_rank * self.world][self.rank :: self.world] if self.world > 1 else idx
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        idx = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
+        # rank r takes every world-th index, so the ranks' first batches together are the global first batch
+        return idx[: n - n % self.world][self.rank :: self.world] if self.world > 1 else idx
 
     def __len__(self):
         n = len(self._indices())

@@ -104,7 +104,13 @@ def write_json(path: str, obj) -> None:
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    # tensors and plain Python values only, so the checkpoint loads with torch.load(weights_only=True)
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+        "python": random.getstate(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -112,8 +118,10 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -232,10 +240,15 @@ def evaluate(model, data: Data, device, amp_ctx) -> tuple[float, float]:
     return c1 / n, c5 / n
 
 
-def train(cfg, run_dir: str) -> dict:
-    """Train `cfg` in `run_dir`, resuming from run_dir/last.pt if present; returns the summary dict."""
+def train(cfg, run_dir: str, gpu_index: int | None = None) -> dict:
+    """Train `cfg` in `run_dir`, resuming from run_dir/last.pt if present; returns the summary dict.
+
+    gpu_index picks the GPU of a single-process job (parallel sweeps); torchrun jobs use LOCAL_RANK.
+    """
     t_start = time.time()
     rank, world, local_rank = dist_info()
+    if world == 1 and gpu_index is not None:
+        local_rank = gpu_index
     is_main = rank == 0
     check_numbers(cfg)
     device = pick_device(cfg.device, local_rank)
@@ -364,8 +377,8 @@ def train(cfg, run_dir: str) -> dict:
     global_step = (start_epoch - 1) * steps_per_epoch
     for epoch in range(start_epoch, epochs + 1):
         data.set_epoch(epoch)
-        torch.manual_seed(cfg.seed * 1000 + epoch * 10 + rank)  # augmentation randomness, resume-exact
-        np.random.seed((cfg.seed * 1000 + epoch * 10 + rank) % 2**32)  # timm Mixup draws from numpy
+        # augmentation randomness per epoch, resume-exact: timm's Mixup draws from numpy, RandomErasing from random
+        seed_all(cfg.seed * 1000 + epoch * 10 + rank)
         t_epoch, loss_sum, seen = time.time(), torch.zeros((), device=device), 0
         bar = tqdm(
             total=steps_per_epoch,

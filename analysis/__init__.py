@@ -2,72 +2,17 @@
 
 from __future__ import annotations
 
-import importlib
 import math
-import sys
-import types
 from collections.abc import Iterable
 from pathlib import Path
+
+from analysis.figure import flops_figure, roadmap_figure, set_plot_style
+from analysis.runs import FIGURE_ORDER, collect, find_run_dirs, summarize
 
 __all__ = [
     "FIGURE_ORDER", "analyze", "collect", "find_run_dirs", "flops_figure", "markdown_table", "roadmap_figure",
     "set_plot_style", "summarize",
 ]  # fmt: skip
-
-# Loaded on first use: `ablations` imports torch (seconds), which `python -m analysis` with a bad DIR, and the
-# Hydra callback's import, should not pay for.
-_LAZY = {
-    "FIGURE_ORDER": "collect",
-    "collect": "collect",
-    "summarize": "collect",
-    "flops_figure": "figure",
-    "roadmap_figure": "figure",
-    "set_plot_style": "figure",
-}
-
-
-def __getattr__(name: str):
-    """Module attributes from analysis.collect / analysis.figure, imported on first access."""
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f"analysis.{_LAZY[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'analysis' has no attribute {name!r}")
-
-
-class _Package(types.ModuleType):
-    """The package module; keeps `analysis.collect` the function when the submodule of that name gets imported."""
-
-    def __setattr__(self, name, value):
-        """Bind attributes, but not the submodule analysis.collect over the function collect."""
-        # The import system binds each imported submodule on its package; only `collect` has a function twin.
-        if name == "collect" and isinstance(value, types.ModuleType):
-            value = value.collect
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
-
-
-def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
-    """Every run folder (a directory holding config.yaml, not Hydra's .hydra copy) under any of paths."""
-    found: dict[Path, None] = {}  # dict as an ordered set: overlapping paths must not count a run twice
-    for root in map(Path, paths):
-        if not root.is_dir():
-            continue
-        candidates = [root / "config.yaml", *sorted(root.rglob("config.yaml"))]
-        for cfg in candidates:
-            run_dir = cfg.parent
-            if cfg.is_file() and ".hydra" not in run_dir.parts and run_dir.name != ".hydra":
-                found.setdefault(run_dir.resolve(), None)
-        # Older runs may only have Hydra's copy: take those that also hold trainer output.
-        for cfg in sorted(root.rglob(".hydra/config.yaml")):
-            run_dir = cfg.parent.parent
-            if not (run_dir / "config.yaml").exists() and any(
-                (run_dir / f).exists() for f in ("summary.json", "metrics.jsonl", "complexity.json")
-            ):
-                found.setdefault(run_dir.resolve(), None)
-    return list(found)
 
 
 def _f(x, fmt: str) -> str:
@@ -99,12 +44,13 @@ def markdown_table(summary) -> str:
             out += [f"### {regime}", ""]
         out += [
             "| bar | GFLOPs | params (M) | top-1 (%) | n | not finished | paper top-1 | paper GFLOPs |",
+            # GFLOPs and params describe the step at ImageNet scale (224 px, full width), like the paper's
             "|---|---:|---:|---:|---:|---|---:|---:|",
         ]
         for _, r in s.iterrows():
             title = r["title"] if r.get("adopted", True) else f"{r['title']} (not adopted)"
             pending = ", ".join(f"{int(r[k])} {k[2:]}" for k in ("n_running", "n_failed", "n_broken") if r[k] > 0)
-            params = _f(r["params"] / 1e6, ".2f")
+            params = _f((r["paper_params"] if math.isfinite(r["paper_params"]) else r["params"]) / 1e6, ".2f")
             out.append(
                 f"| {title} | {_f(r['gflops'], '.2f')} | {params} | {_top1_cell(r)} | {int(r['n'])} | {pending} "
                 f"| {_f(r['paper_top1'], '.1f')} | {_f(r['paper_gflops'], '.1f')} |"
@@ -120,9 +66,6 @@ def analyze(paths: Iterable[str | Path] | str | Path, out_dir: str | Path | None
     non-r50 ones get a _<regime> suffix. Returns {file name: path written}. Raises ValueError when no run folder
     exists under paths.
     """
-    from analysis.collect import collect, summarize
-    from analysis.figure import flops_figure, roadmap_figure, set_plot_style
-
     paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
     if not paths:
         raise ValueError("no path given")

@@ -487,7 +487,9 @@ def _flops_figure(summary: pd.DataFrame, out_stem: Path, regime: str) -> Figure:
     fig = _new_figure((14, 6.2))
     ax, axp = fig.subplots(1, 2)
     ours = s[s["status"].eq("finished")] if len(s) else s
-    _trajectory(ax, ours, "gflops", "top1_mean", "top1_std", f"Ours ({regime})", "GFLOPs (ours, training resolution)")
+    _trajectory(
+        ax, ours, "gflops", "top1_mean", "top1_std", f"Ours ({regime})", "GFLOPs (the step at 224 px, full width)"
+    )
     swin = SWIN.get(regime)
     if swin and len(s) and s["paper_gflops"].map(_isnum).any():  # drawn first so labels avoid it
         axp.axhline(swin[1], color="black", linestyle="--", linewidth=0.8, zorder=1)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 
-from .layers import ConfigError
-from .net import RoadmapNet
-from .pretrained import load_pretrained
-from .roadmap import REGIMES, STEPS, ModelConfig, Regime, step_config
+# timm decorates a few activations with torch.jit.script, which recent torch deprecates loudly at import time
+warnings.filterwarnings("ignore", message=r"`torch.jit.script` is deprecated", category=FutureWarning)
+
+from .layers import ConfigError  # noqa: E402
+from .net import RoadmapNet  # noqa: E402
+from .pretrained import load_pretrained  # noqa: E402
+from .roadmap import REGIMES, STEPS, ModelConfig, Regime, step_config  # noqa: E402
 
 __all__ = ["build_model", "step_config", "ModelConfig", "Regime", "RoadmapNet", "ConfigError", "STEPS", "REGIMES"]
 

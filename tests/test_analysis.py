@@ -14,14 +14,10 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-# The editable install may date from before ablations/ and analysis/ had an __init__.py (it then maps them as
-# namespace packages without their contents); the repository root first on the path makes them regular packages.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from ablations import ROADMAP, VARIANTS
 from analysis import analyze, collect, roadmap_figure, set_plot_style, summarize
 from analysis.callback import RoadmapFigureCallback
-from analysis.collect import FIGURE_ORDER
+from analysis.runs import FIGURE_ORDER
 
 REPO = Path(__file__).resolve().parents[1]
 ALL_BARS = [s.name for s in ROADMAP] + list(VARIANTS)
@@ -219,6 +215,7 @@ def test_callback_writes_figures_missing_bars_and_two_regimes(tmp_path):
     write_run(tmp_path / "a", "baseline", 0, top1=80.0)
     write_run(tmp_path / "a", "baseline", 1, top1=80.4)
     write_run(tmp_path / "a", "gelu", 0, status=None, metrics=1, epochs=4, top1=60.0)
+    write_run(tmp_path / "a", "large_kernel_k5", 0, top1=70.0)
     write_run(tmp_path / "b", "baseline", 0, regime="r200", top1=82.0)
     RoadmapFigureCallback().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
     for name in (
@@ -231,10 +228,12 @@ def test_callback_writes_figures_missing_bars_and_two_regimes(tmp_path):
         "results.md",
     ):
         assert (tmp_path / name).stat().st_size > 0, name
-    assert len(pd.read_csv(tmp_path / "results.csv")) == 4
+    assert len(pd.read_csv(tmp_path / "results.csv")) == 5
     s = summarize(collect([tmp_path]))
     r50 = s[s["regime"] == "r50"].set_index("bar")
-    assert len(r50) == len(FIGURE_ORDER)  # bars without runs are listed as missing
+    # roadmap steps without runs are listed as missing; variants (recipe, kernel sizes) only when they have runs
+    steps = [st.name for st in ROADMAP]
+    assert list(r50.index) == steps[:8] + ["large_kernel_k5"] + steps[8:]
     assert r50.loc["baseline", "top1_mean"] == pytest.approx(80.2)
     assert r50.loc["gelu", "status"] == "running" and r50.loc["gelu", "running_top1"] == 60.0
     assert r50.loc["stage_ratio", "status"] == "missing" and r50.loc["stage_ratio", "n"] == 0

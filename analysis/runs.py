@@ -11,7 +11,6 @@ import pandas as pd
 import yaml
 
 from ablations import ROADMAP, VARIANTS, Step, paper
-from analysis import find_run_dirs
 
 # Figure order, top to bottom: the recipe bar, then the roadmap, with the non-adopted kernels next to the adopted one.
 FIGURE_ORDER: list[str] = ["baseline_classic"]
@@ -24,10 +23,22 @@ ORDER = {name: i for i, name in enumerate(FIGURE_ORDER)}
 
 RUN_COLUMNS = [
     "run_dir", "bar", "step", "seed", "regime", "profile", "data", "recipe", "status", "error", "top1", "top5",
-    "params", "gflops", "gflops_total", "train_gflops", "epochs", "epochs_planned", "wall_s", "device", "order",
+    "params", "paper_params", "gflops", "gflops_total", "train_gflops", "epochs", "epochs_planned", "wall_s",
+    "device", "order",
 ]  # fmt: skip
-COMPLEXITY_KEYS = ("params", "gflops", "gflops_total", "train_gflops")
+COMPLEXITY_KEYS = ("params", "paper_params", "gflops", "gflops_total", "train_gflops")
 NAN = float("nan")
+
+
+def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
+    """Every run folder (a directory holding config.yaml, not Hydra's .hydra copy) under any of paths."""
+    found: dict[Path, None] = {}  # dict as an ordered set: overlapping paths must not count a run twice
+    for root in map(Path, paths):
+        if root.is_dir():
+            for cfg in [root / "config.yaml", *sorted(root.rglob("config.yaml"))]:
+                if cfg.is_file() and ".hydra" not in cfg.parent.parts:
+                    found.setdefault(cfg.parent.resolve(), None)
+    return list(found)
 
 
 def bar_order(bar) -> int:
@@ -104,8 +115,6 @@ def load_run(run_dir: str | Path) -> dict:
     errors = []
 
     cfg_path = run_dir / "config.yaml"
-    if not cfg_path.exists():
-        cfg_path = run_dir / ".hydra" / "config.yaml"
     try:
         cfg = yaml.safe_load(cfg_path.read_text())
         if not isinstance(cfg, dict):
@@ -190,8 +199,8 @@ def _sort_key(col: pd.Series) -> pd.Series:
 def summarize(df: pd.DataFrame, fill_missing: bool = True) -> pd.DataFrame:
     """One row per (regime, bar) in figure order: our top-1 mean/std over finished seeds beside the paper's numbers.
 
-    With fill_missing, every bar of the paper's figure appears for each regime present, as status 'missing' when
-    no run of it exists, so the figure shows what is still to do.
+    With fill_missing, every roadmap step appears for each regime present, as status 'missing' when no run of it
+    exists, so the figure shows what is still to do; variant bars (recipe, kernel sizes) appear when they have runs.
     """
     df = df[df["bar"].notna()].copy()
     df["regime"] = df["regime"].fillna("unknown")
@@ -201,11 +210,12 @@ def summarize(df: pd.DataFrame, fill_missing: bool = True) -> pd.DataFrame:
         sub = df[df["regime"] == regime]
         bars = list(dict.fromkeys(sub.sort_values("order", kind="stable")["bar"]))
         if fill_missing:
-            bars = sorted(set(bars) | set(FIGURE_ORDER), key=lambda b: (bar_order(b), str(b)))
+            bars = sorted(set(bars) | {s.name for s in ROADMAP}, key=lambda b: (bar_order(b), str(b)))
         for bar in bars:
             rows.append(_summary_row(regime, bar, sub[sub["bar"] == bar]))
     columns = [
-        "regime", "bar", "step", "title", "status", "gflops", "gflops_total", "params", "top1_mean", "top1_std", "n",
+        "regime", "bar", "step", "title", "status", "gflops", "gflops_total", "params", "paper_params", "top1_mean",
+        "top1_std", "n",
         "n_failed", "n_running", "n_broken", "running_top1", "epochs_done", "epochs_planned", "profile", "recipe",
         "paper_top1", "paper_gflops", "adopted", "order",
     ]  # fmt: skip
@@ -254,6 +264,7 @@ def _summary_row(regime: str, bar: str, runs: pd.DataFrame) -> dict:
         "gflops": _first(complexity_src["gflops"]),
         "gflops_total": _first(complexity_src["gflops_total"]),
         "params": _first(complexity_src["params"]),
+        "paper_params": _first(complexity_src["paper_params"]),
         "top1_mean": float(top1.mean()) if len(top1) else NAN,
         "top1_std": float(top1.std(ddof=1)) if len(top1) >= 2 else NAN,
         "n": n,
