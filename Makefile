@@ -29,6 +29,7 @@ run: setup
 	$(BIN)/python run_ablation.py step=$(STEP)
 
 test: setup
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 lint: setup

@@ -13,7 +13,7 @@ import time
 import torch
 from fvcore.nn import ActivationCountAnalysis, FlopCountAnalysis
 
-from ablations import ROADMAP, VARIANTS
+from ablations import ROADMAP, VARIANTS, paper
 from models import build_model
 
 PAPER_OPS = ("conv", "linear")  # the paper counts multiply-adds of conv and linear layers only
@@ -48,8 +48,6 @@ def roadmap_rows(regime: str = "r50", img_size: int = 224, num_classes: int = 10
             for v, (step, ov, _) in VARIANTS.items()
             if "train" not in ov
         ]
-    from ablations import paper
-
     for name, step, extra in entries:
         t = time.perf_counter()
         c = complexity(build_model(step, regime, num_classes=num_classes, **{**overrides, **extra}), img_size)

@@ -13,6 +13,7 @@ import math
 import os
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import fields
 
 import numpy as np
@@ -394,7 +395,7 @@ def train(cfg, run_dir: str, gpu_index: int | None = None) -> dict:
                 if cfg.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 sync = micro_i == t.grad_accum - 1 or world == 1
-                ctx = train_model.no_sync() if not sync and hasattr(train_model, "no_sync") else _null()
+                ctx = train_model.no_sync() if not sync and hasattr(train_model, "no_sync") else nullcontext()
                 with ctx, amp_ctx():
                     loss = criterion(train_model(x), y)
                 (loss / t.grad_accum).backward()
@@ -501,11 +502,3 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({torch.get_num_threads()} threads)"
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

@@ -20,7 +20,7 @@ class Stem(nn.Sequential):
         super().__init__()
         s = cfg.stem_stride
         if cfg.stem_type == "patchify":
-            self.conv = nn.Conv2d(in_chans, out_chans, s, s, bias=True if cfg.conv_bias else False)
+            self.conv = nn.Conv2d(in_chans, out_chans, s, s, bias=cfg.conv_bias)
             self.norm = make_norm(cfg.norm_layer, out_chans)
         else:
             # The max-pool keeps its stride 2 whenever the stem downsamples at all, so stem_stride=2 (small-image

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from .layers import ConfigError, choice
+from .layers import ACTS, NORMS, ConfigError, choice
 
 
 @dataclass
@@ -59,8 +59,6 @@ class ModelConfig:
         choice("acts_per_block", self.acts_per_block, ("all", "one"))
         choice("norms_per_block", self.norms_per_block, ("all", "one"))
         choice("downsample", self.downsample, ("in_block", "separate"))
-        from .layers import ACTS, NORMS
-
         choice("act_layer", self.act_layer, tuple(ACTS))
         choice("norm_layer", self.norm_layer, tuple(NORMS))
         for name in ("kernel_size", "stem_stride", "width", "expansion", "groups"):
