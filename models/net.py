@@ -80,7 +80,9 @@ class Block(nn.Module):
         self.act = make_act(cfg.act_layer) if all_acts else nn.Identity()
 
     def forward(self, x):
-        return self.act(self.drop_path(self.layer_scale(self.body(x))) + self.shortcut(x))
+        out = self.drop_path(self.layer_scale(self.body(x)))
+        out += self.shortcut(x)  # in place, as timm: one activation-sized tensor less per block
+        return self.act(out)
 
 
 class Stage(nn.Module):
