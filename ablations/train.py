@@ -266,7 +266,6 @@ def train(cfg, run_dir: str, gpu_index: int | None = None) -> dict:
     paths = {
         k: os.path.join(run_dir, v)
         for k, v in dict(
-            config="config.yaml",
             ckpt="last.pt",
             metrics="metrics.jsonl",
             summary="summary.json",
