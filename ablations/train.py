@@ -141,8 +141,6 @@ class Data:
     def __init__(self, cfg, device, rank: int, world: int, micro_batch: int):
         d, t = cfg.data, cfg.train
         self.cfg, self.device = d, device
-        self.mean = torch.tensor(list(d.mean), device=device).view(1, -1, 1, 1)
-        self.std = torch.tensor(list(d.std), device=device).view(1, -1, 1, 1)
         self.augment = BatchAugment(
             d.img_size,
             d.mean,
@@ -222,7 +220,7 @@ class Data:
         for x, y in self.test:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             if self.cfg.in_memory:
-                x = eval_transform(x, self.cfg.img_size, self.mean, self.std)
+                x = eval_transform(x, self.cfg.img_size, self.augment.mean, self.augment.std)
             yield x, y
 
 
