@@ -17,7 +17,7 @@ from models import ConfigError
 
 register()
 log = logging.getLogger("roadmap")
-IGNORED = ("progress", "device", "hydra")  # keys that may differ when a run folder is reused
+IGNORED = ("progress", "device")  # keys that may differ when a run folder is reused
 
 
 def _plain(cfg) -> dict:
@@ -62,12 +62,12 @@ def prepare_run_dir(cfg: DictConfig, run_dir: str) -> dict | None:
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     """Compose, build, train, write; user mistakes print one paragraph, no traceback."""
-    from ablations.train import TrainingDiverged, train, write_json
+    from ablations.train import TrainingDiverged, dist_info, train, write_json
 
     hc = HydraConfig.get()
     run_dir = hc.runtime.output_dir
     multirun = hc.mode == RunMode.MULTIRUN
-    rank = int(os.environ.get("RANK", 0))
+    rank = dist_info()[0]
     owned = False  # only a folder whose config is this run's may get a 'failed' summary
     try:
         done = prepare_run_dir(cfg, run_dir) if rank == 0 else None
