@@ -24,8 +24,8 @@ class DataConfig:
     img_size: int = 32  # training and test resolution (square)
     in_memory: bool = True  # keep decoded images as one tensor and augment in batches (fast path)
     download: bool = False  # let torchvision download when files are missing (needs internet)
-    train_subset: Optional[int] = None  # use only the first N training images (tests, quick looks)
-    test_subset: Optional[int] = None  # use only the first N test images
+    train_subset: Optional[int] = None  # use N training images, a fixed random choice (cpu proxy, tests)
+    test_subset: Optional[int] = None  # use N test images (chosen the same way)
     workers: int = 2  # DataLoader workers (image folders)
     mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])

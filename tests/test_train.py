@@ -227,6 +227,22 @@ def test_imagefolder_format(tmp_path):
     assert json.loads((tmp_path / "run/summary.json").read_text())["num_classes"] == 3
 
 
+def test_subset_is_a_fixed_random_choice_across_classes(tmp_path, compose_cfg):
+    from ablations.data import image_folder, load_tensors
+
+    _png_folder(tmp_path / "data", ["a", "b", "c", "d"])  # listed class by class: the first 12 would be a-b only
+    cfg = compose_cfg("data=imagefolder", f"data.root={tmp_path / 'data'}", "data.train_subset=12")
+    sub = image_folder(cfg.data, "train")
+    assert len(sub) == 12 and {sub.dataset.targets[i] for i in sub.indices} == {0, 1, 2, 3}
+    assert sub.indices == sorted(sub.indices) == image_folder(cfg.data, "train").indices
+    syn = compose_cfg("data=synthetic", "data.synthetic_size=64", "data.train_subset=40")
+    full = load_tensors(compose_cfg("data=synthetic", "data.synthetic_size=64").data, "train", seed=3)
+    a, b = load_tensors(syn.data, "train", seed=3), load_tensors(syn.data, "train", seed=3)
+    assert len(a) == 40 and torch.equal(a.images, b.images)
+    rows = [int((full.images == img).flatten(1).all(1).nonzero()) for img in a.images]
+    assert rows == sorted(rows) and rows != list(range(40))  # a random choice, kept in order
+
+
 def test_cifar_format(tmp_path):
     rng = np.random.default_rng(0)
     folder = tmp_path / "cifar-10-batches-py"
