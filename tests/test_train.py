@@ -320,8 +320,29 @@ def test_nan_loss_stops_with_message(tmp_path):
         "data.synthetic_size=1024",
         f"hydra.run.dir={tmp_path}",
     )
-    assert out.returncode == 2 and "loss became nan" in out.stderr.lower() or "loss became inf" in out.stderr.lower()
+    err = out.stderr.lower()
+    assert out.returncode == 2 and ("loss became nan" in err or "loss became inf" in err), out.stderr[-3000:]
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "failed"
+
+
+def test_gpu_profile_runs_on_cpu(tmp_path, fmnist_dir):
+    """The gpu profile's models and data path (full width, ImageNet stems, 28 px upsampled to 128), one step each."""
+    out = run(
+        "step=separate_downsampling",
+        "profile=gpu",
+        "device=cpu",
+        f"data.root={fmnist_dir}",
+        "train.epochs=1",
+        "train.batch_size=8",
+        "max_steps=1",
+        "data.test_subset=16",
+        "progress=false",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["img_size"] == 128 and s["params"] == 28_589_128 - 769 * 990  # ConvNeXt-T, 10-class head
+    assert s["train_gflops"] == pytest.approx(4.4555 * (128 / 224) ** 2, rel=0.01)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
