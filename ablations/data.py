@@ -125,7 +125,7 @@ def load_tensors(cfg, split: str, seed: int = 0) -> TensorData:
         data = load_synthetic(split, cfg.synthetic_size, cfg.num_classes, cfg.img_size, seed)
     else:
         raise ConfigError("data=imagefolder is read from disk by a DataLoader (set data.in_memory=false)")
-    idx = subset_indices(len(data), cfg.train_subset if split == "train" else cfg.test_subset)
+    idx = subset_indices(cfg, split, len(data))
     if idx is not None:
         data = TensorData(data.images[idx], data.labels[idx])
     if len(data) == 0:
@@ -211,13 +211,15 @@ def image_folder(cfg, split: str, train_cfg=None):
         raise ConfigError(
             f"image folder {folder!r} has no usable class folders ({e}); expected {folder}/<class>/<image>.jpg"
         ) from None
-    idx = subset_indices(len(ds), cfg.train_subset if split == "train" else cfg.test_subset)
+    idx = subset_indices(cfg, split, len(ds))
     return ds if idx is None else torch.utils.data.Subset(ds, idx.tolist())
 
 
-def subset_indices(total: int, n: int | None) -> torch.Tensor | None:
-    """n of `total` indices, a fixed random choice (the same for every run and seed; image folders list their
-    images class by class, so the first n would drop classes), in their original order; None keeps everything."""
+def subset_indices(cfg, split: str, total: int) -> torch.Tensor | None:
+    """data.train_subset / test_subset of a split's `total` indices: a fixed random choice (the same for every run
+    and seed; image folders list their images class by class, so the first n would drop classes), in their original
+    order; None keeps everything."""
+    n = cfg.train_subset if split == "train" else cfg.test_subset
     if not n or n >= total:
         return None
     return torch.randperm(total, generator=torch.Generator().manual_seed(0))[:n].sort().values
