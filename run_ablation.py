@@ -62,16 +62,26 @@ def prepare_run_dir(cfg: DictConfig, run_dir: str) -> dict | None:
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     """Compose, build, train, write; user mistakes print one paragraph, no traceback."""
-    from ablations.train import TrainingDiverged, dist_info, train, write_json
+    from ablations import dist as D
+    from ablations.train import TrainingDiverged, train, write_json
 
     hc = HydraConfig.get()
     run_dir = hc.runtime.output_dir
     multirun = hc.mode == RunMode.MULTIRUN
-    rank = dist_info()[0]
+    info = D.setup(cfg.device)  # the DDP group (torchrun or submitit tasks) and this process's share of the cores
     owned = False  # only a folder whose config is this run's may get a 'failed' summary
     try:
-        done = prepare_run_dir(cfg, run_dir) if rank == 0 else None
-        owned = True
+        # rank 0 checks the folder; every rank takes its decision (a finished run ends all ranks, not only rank 0)
+        decision = None
+        if info.is_main:
+            try:
+                decision = ("done", prepare_run_dir(cfg, run_dir))
+            except ConfigError as e:
+                decision = ("error", str(e))
+        decision = D.broadcast(decision)
+        if decision[0] == "error":
+            raise ConfigError(decision[1])
+        owned, done = True, decision[1]
         if done is not None:
             log.info(
                 "already finished: %s (top-1 %.2f%%, %s epochs); summary in %s",
@@ -81,7 +91,8 @@ def main(cfg: DictConfig) -> float | None:
                 os.path.join(run_dir, "summary.json"),
             )
             return done["top1"]
-        summary = train(cfg, run_dir, gpu_index=_sweep_gpu(hc) if multirun else None)
+        with _sweep_gpu(multirun, info.world) as gpu:
+            summary = train(cfg, run_dir, gpu_index=gpu)
         log.info(
             "done: top-1 %.2f%% top-5 %.2f%% in %.0fs -> %s",
             summary["top1"],
@@ -90,13 +101,20 @@ def main(cfg: DictConfig) -> float | None:
             run_dir,
         )
         return summary["top1"]
+    except D.Preempted as e:  # a checkpoint of the exact position is saved; no 'failed' summary
+        print(f"preempted: {e}", file=sys.stderr)
+        if not multirun:
+            sys.exit(143)  # 128 + SIGTERM, as a process killed by it would
+        return None
     except (ConfigError, TrainingDiverged) as e:
         msg = f"error: {e}"
     except Exception as e:  # keep a sweep going; single runs re-raise below
         if not multirun:
             raise
         msg = f"error: {type(e).__name__}: {e}"
-    if owned and rank == 0:
+    finally:
+        D.teardown()
+    if owned and info.is_main:
         write_json(
             os.path.join(run_dir, "summary.json"),
             {"status": "failed", "error": msg, "step": cfg.step, "bar": cfg.bar, "seed": cfg.seed},
@@ -107,12 +125,18 @@ def main(cfg: DictConfig) -> float | None:
     return None
 
 
-def _sweep_gpu(hc) -> int | None:
-    """Parallel sweeps on a machine with several GPUs (hydra/launcher=joblib): job k runs on GPU k mod count."""
+def _sweep_gpu(multirun: bool, world: int):
+    """Parallel sweeps on a machine with several GPUs (hydra/launcher=joblib): each job holds a free GPU."""
+    import contextlib
+
     import torch
 
+    from ablations.dist import gpu_lease
+
     count = torch.cuda.device_count()
-    return hc.job.num % count if count > 1 else None
+    if multirun and world == 1 and count > 1:
+        return gpu_lease(count)
+    return contextlib.nullcontext(None)
 
 
 def _default_profile(argv: list[str]) -> list[str]:

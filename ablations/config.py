@@ -60,11 +60,13 @@ class TrainConfig:
     reprob: float = 0.25  # random erasing probability
     hflip: float = 0.5  # horizontal flip probability
     translate: float = 0.125  # in-memory data: random shift up to this fraction of the image (zero fill)
-    drop_path_rate: float = 0.1  # stochastic depth
+    drop_path_rate: float = 0.1  # stochastic depth (the modern recipe takes the regime's: T 0.1, B 0.5)
     ema: bool = False  # the roadmap runs train without EMA (it hurts BatchNorm models)
     ema_decay: float = 0.9999
     clip_grad: Optional[float] = None
     eval_every: int = 1  # evaluate every N epochs (and always after the last)
+    weight_decay_all: bool = False  # decay biases and norm weights too (the original ResNet recipe did)
+    ckpt_every_min: Optional[float] = None  # also checkpoint mid-epoch every N minutes (clusters that kill unannounced)
 
 
 @dataclass

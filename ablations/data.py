@@ -7,15 +7,20 @@ image folders go through torchvision's ImageFolder, timm's transforms and a Data
 from __future__ import annotations
 
 import gzip
+import logging
 import os
+import random
 import struct
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from ablations.augment import BatchAugment, eval_transform
 from models import ConfigError
 from models.layers import choice
+
+log = logging.getLogger("roadmap")
 
 DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
 FMNIST_FILES = {
@@ -133,8 +138,36 @@ def load_tensors(cfg, split: str, seed: int = 0) -> TensorData:
     return data
 
 
+# ---------------------------------------------------------------------------------------------- random streams
+# Every random stream is derived from a key of small integers with numpy's SeedSequence, so no two keys share a
+# stream (seed*1000 + epoch*10 + rank made seed s at epoch e+100 equal seed s+1 at epoch e). The first key entry
+# names the purpose.
+ORDER, AUGMENT, SAMPLE = 0, 1, 2
+
+
+def derive_seed(*key: int) -> int:
+    """A 63-bit seed for the stream named by `key` (e.g. (seed, AUGMENT, epoch, step, rank))."""
+    return int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def seed_all(seed: int) -> None:
+    """Seed python, numpy and torch (all devices) from one derived seed."""
+    random.seed(seed)
+    np.random.seed(np.random.SeedSequence(seed).generate_state(4))
+    torch.manual_seed(seed)
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """This rank's sample order for `epoch`: one permutation from (seed, epoch), rank r taking every world-th index
+    (so the ranks' first batches together are the single-process first batch); the tail that does not divide by
+    world is dropped."""
+    g = torch.Generator().manual_seed(derive_seed(seed, ORDER, epoch))
+    idx = torch.randperm(n, generator=g) if shuffle else torch.arange(n)
+    return idx[: n - n % world][rank::world] if world > 1 else idx
+
+
 class TensorLoader:
-    """Batches of an in-memory split on `device`, reshuffled per epoch from (seed, epoch), sharded over ranks."""
+    """Batches of an in-memory split on `device` in epoch_order; `start` skips batches (mid-epoch resume)."""
 
     def __init__(
         self,
@@ -150,18 +183,14 @@ class TensorLoader:
         self.images = data.images.to(device)
         self.labels = data.labels.to(device)
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
-        self.rank, self.world, self.seed, self.epoch = rank, world, seed, 0
+        self.rank, self.world, self.seed, self.epoch, self.start = rank, world, seed, 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch whose permutation the next iteration uses (deterministic on resume)."""
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Choose the epoch whose order the next iteration uses, and the batch it starts at."""
+        self.epoch, self.start = epoch, start
 
     def _indices(self) -> torch.Tensor:
-        n = len(self.labels)
-        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-        idx = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
-        # rank r takes every world-th index, so the ranks' first batches together are the global first batch
-        return idx[: n - n % self.world][self.rank :: self.world] if self.world > 1 else idx
+        return epoch_order(len(self.labels), self.seed, self.epoch, self.shuffle, self.rank, self.world)
 
     def __len__(self):
         n = len(self._indices())
@@ -169,9 +198,47 @@ class TensorLoader:
 
     def __iter__(self):
         idx = self._indices().to(self.images.device)
-        for i in range(len(self)):
+        for i in range(self.start, len(self)):
             b = idx[i * self.batch_size : (i + 1) * self.batch_size]
             yield self.images[b], self.labels[b]
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Image-folder training order: epoch_order, each sample paired with its own augmentation seed.
+
+    The seed comes from (seed, epoch, sample index), so a sample's crop, RandAugment and erasing are the same
+    whichever DataLoader worker or rank decodes it and wherever a resumed epoch starts.
+    """
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1):
+        self.n, self.seed, self.rank, self.world, self.epoch, self.start = n, seed, rank, world, 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Choose the epoch and the first sample (mid-epoch resume)."""
+        self.epoch, self.start = epoch, start
+
+    def __len__(self):
+        return (self.n - self.n % self.world) // self.world - self.start
+
+    def __iter__(self):
+        order = epoch_order(self.n, self.seed, self.epoch, True, self.rank, self.world)[self.start :]
+        for i in order.tolist():
+            yield i, derive_seed(self.seed, SAMPLE, self.epoch, i)
+
+
+class SeededSamples(torch.utils.data.Dataset):
+    """Reads (index, seed) keys from EpochSampler: seeds the worker's RNGs, then returns dataset[index]."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, seed = key
+        seed_all(seed)
+        return self.dataset[index]
 
 
 def image_folder(cfg, split: str, train_cfg=None):
@@ -191,6 +258,8 @@ def image_folder(cfg, split: str, train_cfg=None):
             is_training=True,
             auto_augment=train_cfg.randaug or None,
             re_prob=train_cfg.reprob,
+            re_mode="pixel",  # the paper's random erasing fills with per-pixel noise (timm's default is const)
+            color_jitter=None,  # timm jitters colours unless RandAugment is on; neither recipe of the paper does
             hflip=train_cfg.hflip,
             mean=tuple(cfg.mean),
             std=tuple(cfg.std),
@@ -223,3 +292,114 @@ def subset_indices(cfg, split: str, total: int) -> torch.Tensor | None:
     if not n or n >= total:
         return None
     return torch.randperm(total, generator=torch.Generator().manual_seed(0))[:n].sort().values
+
+
+# ---------------------------------------------------------------------------------------------- the run's feed
+class Data:
+    """A run's train and test feeds as device batches (images normalised, targets soft under Mixup/CutMix).
+
+    In-memory data sets are batched by TensorLoader and augmented on the device (BatchAugment); image folders are
+    decoded and augmented per sample by DataLoader workers (timm's transforms), Mixup/CutMix on the batch. The
+    augmenter is built for the class count actually found (an image folder's class folders), not the configured one.
+    Evaluation is sharded over ranks; `evaluate` sums the counts.
+    """
+
+    def __init__(self, cfg, device, rank: int, world: int, micro_batch: int):
+        d, t = cfg.data, cfg.train
+        self.cfg, self.device, self.seed, self.rank, self.world = d, device, cfg.seed, rank, world
+        if (t.mixup > 0 or t.cutmix > 0) and micro_batch % 2:
+            raise ConfigError(
+                f"Mixup/CutMix need an even per-process batch, got {micro_batch} (train.batch_size / "
+                "(processes x train.grad_accum)); pick a batch size that gives an even micro-batch"
+            )
+        if d.in_memory:
+            train = load_tensors(d, "train", cfg.seed)
+            test = load_tensors(d, "test", cfg.seed)
+            top = int(max(train.labels.max(), test.labels.max()))
+            if top >= d.num_classes:
+                raise ConfigError(f"data={d.name} has label {top} but data.num_classes={d.num_classes}")
+            self.num_classes = d.num_classes
+            self.train = TensorLoader(train, micro_batch, device, True, True, rank, world, cfg.seed)
+            n = len(test)
+            shard = TensorData(test.images[rank::world], test.labels[rank::world]) if world > 1 else test
+            self.test = TensorLoader(shard, 256, device, False, False)
+            self.test_size = n
+        else:
+            self._folders(cfg, micro_batch, rank, world)
+        if len(self.train) == 0:
+            n = len(self.train._indices()) if isinstance(self.train, TensorLoader) else len(self.train.sampler)
+            raise ConfigError(
+                f"the training set has fewer images per process ({n}) than one batch ({micro_batch}); "
+                "lower train.batch_size or use more data"
+            )
+        self.augment = BatchAugment(
+            d.img_size,
+            d.mean,
+            d.std,
+            self.num_classes,
+            hflip=t.hflip,
+            translate=t.translate,
+            randaug=t.randaug,
+            mixup=t.mixup,
+            cutmix=t.cutmix,
+            switch_prob=t.mixup_switch_prob,
+            label_smoothing=t.label_smoothing,
+            reprob=t.reprob,
+            device=device,
+        )
+
+    def _folders(self, cfg, micro_batch, rank, world):
+        d = cfg.data
+        train_ds, test_ds = image_folder(d, "train", cfg.train), image_folder(d, "val")
+        base = train_ds.dataset if isinstance(train_ds, torch.utils.data.Subset) else train_ds
+        self.num_classes = len(base.classes)
+        if self.num_classes != d.num_classes:
+            log.info(
+                "data: %d class folders found; using num_classes=%d (config said %d)",
+                self.num_classes,
+                self.num_classes,
+                d.num_classes,
+            )
+        pin = self.device.type == "cuda"
+        self.train = torch.utils.data.DataLoader(
+            SeededSamples(train_ds),
+            micro_batch,
+            sampler=EpochSampler(len(train_ds), cfg.seed, rank, world),
+            num_workers=d.workers,
+            drop_last=True,
+            pin_memory=pin,
+            persistent_workers=d.workers > 0,
+        )
+        self.test_size = len(test_ds)
+        shard = torch.utils.data.Subset(test_ds, range(rank, len(test_ds), world)) if world > 1 else test_ds
+        self.test = torch.utils.data.DataLoader(shard, 256, num_workers=d.workers, pin_memory=pin)
+
+    def batches_per_epoch(self) -> int:
+        """Micro-batches per epoch and process (the drop-last count)."""
+        self.set_epoch(1, 0)
+        return len(self.train)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Order of `epoch`, starting at micro-batch `start_batch` (mid-epoch resume)."""
+        if isinstance(self.train, TensorLoader):
+            self.train.set_epoch(epoch, start_batch)
+        else:
+            self.train.sampler.set_epoch(epoch, start_batch * self.train.batch_size)
+
+    def train_batches(self):
+        """Augmented training batches on the device, in the order set by set_epoch."""
+        for x, y in self.train:
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            if self.cfg.in_memory:
+                x, y = self.augment(x, y)
+            elif self.augment.mixup is not None:
+                x, y = self.augment.mixup(x, y)
+            yield x, y
+
+    def test_batches(self):
+        """This rank's shard of the test split, normalised, on the device."""
+        for x, y in self.test:
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            if self.cfg.in_memory:
+                x = eval_transform(x, self.cfg.img_size, self.augment.mean, self.augment.std)
+            yield x, y

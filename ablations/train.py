@@ -1,8 +1,13 @@
 """Train and evaluate one roadmap step: `train(cfg, run_dir)` with cfg the composed RunConfig (an OmegaConf node).
 
 Run folder: config.yaml (resolved), complexity.json, metrics.jsonl (one line per finished epoch), summary.json,
-last.pt (written atomically after every epoch). Restarting in the same folder resumes from last.pt; a finished
-run is reported, not redone.
+last.pt (written atomically after every epoch, on SIGTERM / SIGUSR1 in the middle of one, and every
+train.ckpt_every_min minutes if set). Restarting in the same folder resumes from last.pt at the exact step; a
+finished run is reported, not redone.
+
+`train()` reads as set-up, epoch loop, checkpoint: the data feed lives in ablations.data, the loop's whole state
+(model, optimizer, scheduler, EMA, position in the epoch, partial epoch sums) in RunState, which saves and restores
+itself. Randomness needs no saved RNG state: every optimizer step reseeds from (seed, epoch, step, rank).
 """
 
 from __future__ import annotations
@@ -11,24 +16,22 @@ import json
 import logging
 import math
 import os
-import random
 import time
 from contextlib import nullcontext
 from dataclasses import fields
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.utils import ModelEmaV3, accuracy
+from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
-from ablations.augment import BatchAugment, eval_transform
+from ablations import dist as D
 from ablations.complexity import complexity
-from ablations.data import TensorLoader, image_folder, load_tensors
+from ablations.data import AUGMENT, Data, derive_seed, seed_all
 from models import ConfigError, ModelConfig, RoadmapNet
 from models.layers import choice
 from models.pretrained import load_pretrained
@@ -41,19 +44,15 @@ class TrainingDiverged(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------------- set-up helpers
-def dist_info() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) without it."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
-
-
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
     """cuda when asked for or (auto) present, else cpu."""
     choice("device", name, ("auto", "cpu", "cuda"))
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but no CUDA device is visible; use device=auto or device=cpu")
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
+        index = local_rank % torch.cuda.device_count()  # GPUs per node or per task: both work
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device("cpu")
 
 
@@ -87,6 +86,17 @@ def check_numbers(cfg) -> None:
     if t.lr <= 0:
         raise ConfigError(f"train.lr must be > 0, got {t.lr}")
     choice("train.sched", t.sched, ("cosine", "step"))
+    if cfg.profile == "imagenet" and cfg.data.name != "imagefolder":
+        raise ConfigError(
+            f"profile=imagenet trains ImageNet-format data, but data={cfg.data.name}: use data=imagefolder "
+            "data.root=/path/to/imagenet (root/train/<class>/*, root/val/<class>/*), or another profile "
+            "(cpu, gpu, smoke) for the small data sets"
+        )
+    if cfg.data.name == "imagefolder" and not OmegaConf.select(cfg, "data.root", throw_on_missing=False):
+        raise ConfigError(
+            "data=imagefolder needs data.root=/path/to/folder holding train/<class>/ and val/<class>/ "
+            "(the ImageNet / Imagenette layout)"
+        )
 
 
 def atomic_save(obj, path: str) -> None:
@@ -104,174 +114,146 @@ def write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def _rng_state() -> dict:
-    # tensors and plain Python values only, so the checkpoint loads with torch.load(weights_only=True)
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+class RunState:
+    """Everything resume needs, in one place: model, optimizer, scheduler, EMA, the position in the epoch
+    (finished epochs + optimizer steps into the next), the partial epoch's sums and the metrics history.
 
+    No RNG state: randomness is reseeded from (seed, epoch, step, rank) at every step, so the position is enough.
+    """
 
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    def __init__(self, model, optimizer, scheduler, ema):
+        self.model, self.optimizer, self.scheduler, self.ema = model, optimizer, scheduler, ema
+        self.epoch = 0  # finished epochs
+        self.step = 0  # optimizer steps done in epoch + 1
+        self.history: list[dict] = []  # one record per finished epoch
+        self.wall_s = 0.0  # wall time of earlier sittings
+        self.partial = {"loss_sum": 0.0, "seen": 0, "epoch_s": 0.0}  # the unfinished epoch so far (all ranks)
 
-
-def seed_all(seed: int) -> None:
-    """Seed python, numpy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-# ------------------------------------------------------------------------------------------------------ data
-class Data:
-    """Train/test iterables yielding device batches (images normalised, targets possibly soft)."""
-
-    def __init__(self, cfg, device, rank: int, world: int, micro_batch: int):
-        d, t = cfg.data, cfg.train
-        self.cfg, self.device = d, device
-        self.augment = BatchAugment(
-            d.img_size,
-            d.mean,
-            d.std,
-            d.num_classes,
-            hflip=t.hflip,
-            translate=t.translate,
-            randaug=t.randaug,
-            mixup=t.mixup,
-            cutmix=t.cutmix,
-            switch_prob=t.mixup_switch_prob,
-            label_smoothing=t.label_smoothing,
-            reprob=t.reprob,
-            device=device,
+    def save(self, path: str, model_config: dict, wall_s: float) -> None:
+        """Write the checkpoint atomically (plain tensors and containers: loads with weights_only=True); wall_s is
+        the run's wall time up to now, all sittings."""
+        atomic_save(
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "epoch": self.epoch,
+                "step": self.step,
+                "partial": self.partial,
+                "history": self.history,
+                "wall_s": wall_s,
+                "model_config": model_config,
+            },
+            path,
         )
-        if (t.mixup > 0 or t.cutmix > 0) and micro_batch % 2:
-            raise ConfigError(f"Mixup/CutMix need an even per-process batch, got {micro_batch}")
-        if d.in_memory:
-            self.train = TensorLoader(
-                load_tensors(d, "train", cfg.seed), micro_batch, device, True, True, rank, world, cfg.seed
-            )
-            self.test = TensorLoader(load_tensors(d, "test", cfg.seed), 256, device, False, False)
-            self.num_classes = d.num_classes
-        else:
-            self.train, self.test, self.num_classes = self._folders(cfg, micro_batch, rank, world)
-        if len(self.train) == 0:
-            raise ConfigError(f"the training set has fewer images than one batch ({micro_batch})")
 
-    def _folders(self, cfg, micro_batch, rank, world):
-        d = cfg.data
-        train_ds, test_ds = image_folder(d, "train", cfg.train), image_folder(d, "val")
-        base = train_ds.dataset if isinstance(train_ds, torch.utils.data.Subset) else train_ds
-        n_classes = len(base.classes)
-        if n_classes != d.num_classes:
-            log.info(
-                "data: %d class folders found; using num_classes=%d (config said %d)",
-                n_classes,
-                n_classes,
-                d.num_classes,
-            )
-        sampler = (
-            torch.utils.data.distributed.DistributedSampler(train_ds, world, rank, seed=cfg.seed) if world > 1 else None
-        )
-        pin = self.device.type == "cuda"
-        train = torch.utils.data.DataLoader(
-            train_ds,
-            micro_batch,
-            shuffle=sampler is None,
-            sampler=sampler,
-            num_workers=d.workers,
-            drop_last=True,
-            pin_memory=pin,
-            persistent_workers=d.workers > 0,
-        )
-        test = torch.utils.data.DataLoader(test_ds, 256, num_workers=d.workers, pin_memory=pin)
-        return train, test, n_classes
-
-    def set_epoch(self, epoch: int) -> None:
-        """Seed this epoch's data order and augmentation (resume-exact)."""
-        if hasattr(self.train, "set_epoch"):
-            self.train.set_epoch(epoch)
-        elif getattr(self.train, "sampler", None) is not None and hasattr(self.train.sampler, "set_epoch"):
-            self.train.sampler.set_epoch(epoch)
-
-    def train_batches(self):
-        """Yield augmented training batches on the device."""
-        for x, y in self.train:
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            if self.cfg.in_memory:
-                x, y = self.augment(x, y)
-            elif self.augment.mixup is not None:
-                x, y = self.augment.mixup(x, y)
-            yield x, y
-
-    def test_batches(self):
-        """Yield normalised test batches on the device."""
-        for x, y in self.test:
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            if self.cfg.in_memory:
-                x = eval_transform(x, self.cfg.img_size, self.augment.mean, self.augment.std)
-            yield x, y
+    def load(self, path: str) -> bool:
+        """Restore from `path` if it exists; whether it did."""
+        if not os.path.exists(path):
+            return False
+        try:
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a truncated or foreign file: say which, never train over it silently
+            raise ConfigError(f"cannot resume from {path}: {type(e).__name__}: {e}. Delete it to start over.") from None
+        self.model.load_state_dict(ck["model"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.scheduler.load_state_dict(ck["scheduler"])
+        if self.ema is not None and ck.get("ema") is not None:
+            self.ema.load_state_dict(ck["ema"])
+        self.epoch, self.step = ck["epoch"], ck.get("step", 0)
+        self.partial = ck.get("partial", self.partial)
+        self.history, self.wall_s = ck["history"], ck["wall_s"]
+        return True
 
 
-# ----------------------------------------------------------------------------------------------------- train
 @torch.no_grad()
-def evaluate(model, data: Data, device, amp_ctx) -> tuple[float, float]:
-    """Top-1 and top-5 (%) on the test split (every rank evaluates the whole split)."""
+def evaluate(model, data: Data, amp_ctx) -> tuple[float, float]:
+    """Top-1 and top-5 (%) on the test split: each rank counts its shard, the counts are summed over ranks."""
     model.eval()
-    c1 = c5 = n = 0.0
+    counts = torch.zeros(3, dtype=torch.int64, device=data.device)  # correct@1, correct@5, images
     for x, y in data.test_batches():
         with amp_ctx():
             out = model(x)
-        a1, a5 = accuracy(out.float(), y, topk=(1, min(5, out.shape[1])))
-        c1, c5, n = c1 + a1.item() * len(y), c5 + a5.item() * len(y), n + len(y)
+        top = out.float().topk(min(5, out.shape[1]), dim=1).indices
+        hit = top == y[:, None]
+        counts += torch.stack([hit[:, 0].sum(), hit.any(1).sum(), torch.tensor(len(y), device=hit.device)])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(counts)
     model.train()
-    return c1 / n, c5 / n
+    c1, c5, n = counts.tolist()
+    if n != data.test_size:
+        raise RuntimeError(f"evaluated {n} test images, expected {data.test_size}")
+    return 100.0 * c1 / n, 100.0 * c5 / n
+
+
+def _paths(run_dir: str) -> dict:
+    names = dict(ckpt="last.pt", metrics="metrics.jsonl", summary="summary.json", complexity="complexity.json")
+    return {k: os.path.join(run_dir, v) for k, v in names.items()}
+
+
+def _complexity(cfg, mcfg: ModelConfig, model, num_classes: int, path: str, is_main: bool) -> dict:
+    """The step at ImageNet scale and the proxy as trained, counted once per run folder (plain module, eval)."""
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    cx = complexity(RoadmapNet(paper_scale(mcfg), num_classes=1000), 224)
+    own = complexity(model, cfg.data.img_size)
+    cx.update(
+        paper_params=cx.pop("params"),
+        params=own["params"],
+        train_gflops=own["gflops"],
+        train_gflops_total=own["gflops_total"],
+        img_size=cfg.data.img_size,
+        num_classes=num_classes,
+    )
+    if is_main:
+        write_json(path, cx)
+    return cx
+
+
+def _optimizer(model, t):
+    opt_kwargs = {"momentum": t.momentum} if t.optimizer in ("sgd", "momentum", "nesterov") else {}
+    if t.optimizer in ("adamw", "adam", "lamb"):
+        opt_kwargs = {"betas": (t.momentum, 0.999)}
+    try:
+        return create_optimizer_v2(
+            model,
+            opt=t.optimizer,
+            lr=lr_for(t),
+            weight_decay=t.weight_decay,
+            filter_bias_and_bn=not t.weight_decay_all,  # the original recipe decays every parameter
+            **opt_kwargs,
+        )
+    except (AssertionError, ValueError) as e:
+        raise ConfigError(f"train.optimizer={t.optimizer!r}: {e} (e.g. adamw, sgd, lamb)") from None
 
 
 def train(cfg, run_dir: str, gpu_index: int | None = None) -> dict:
     """Train `cfg` in `run_dir`, resuming from run_dir/last.pt if present; returns the summary dict.
 
-    gpu_index picks the GPU of a single-process job (parallel sweeps); torchrun jobs use LOCAL_RANK.
+    gpu_index picks the GPU of a single-process job (parallel sweeps); DDP jobs use LOCAL_RANK.
     """
+    # ------------------------------------------------------------------------------------------------ set-up
     t_start = time.time()
-    rank, world, local_rank = dist_info()
-    if world == 1 and gpu_index is not None:
-        local_rank = gpu_index
-    is_main = rank == 0
     check_numbers(cfg)
-    device = pick_device(cfg.device, local_rank)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    info = D.setup(cfg.device) if D.dist_info().world > 1 else D.dist_info()
+    rank, world = info.rank, info.world
+    device = pick_device(cfg.device, gpu_index if world == 1 and gpu_index is not None else info.local_rank)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # static shapes: let cuDNN pick the fastest kernels once
     t = cfg.train
     if t.batch_size % (world * t.grad_accum):
         raise ConfigError(
             f"train.batch_size={t.batch_size} must divide by processes x grad_accum = {world} x {t.grad_accum}"
         )
     micro = t.batch_size // (world * t.grad_accum)
-    seed_all(cfg.seed + rank)
     os.makedirs(run_dir, exist_ok=True)
-    paths = {
-        k: os.path.join(run_dir, v)
-        for k, v in dict(
-            ckpt="last.pt",
-            metrics="metrics.jsonl",
-            summary="summary.json",
-            complexity="complexity.json",
-        ).items()
-    }
+    paths = _paths(run_dir)
 
     data = Data(cfg, device, rank, world, micro)
+    seed_all(derive_seed(cfg.seed))  # the same initial weights on every rank
     mcfg = model_config(cfg)
     model = RoadmapNet(mcfg, num_classes=data.num_classes, in_chans=3)
     if cfg.data.img_size < model.min_input_size:
@@ -282,44 +264,20 @@ def train(cfg, run_dir: str, gpu_index: int | None = None) -> dict:
         )
     if cfg.pretrained:
         load_pretrained(model, cfg.pretrained)
-
-    # Complexity on the plain module, before channels_last / compile (fvcore cannot trace compiled models).
-    if os.path.exists(paths["complexity"]):
-        with open(paths["complexity"]) as f:
-            cx = json.load(f)
-    else:
-        cx = complexity(RoadmapNet(paper_scale(mcfg), num_classes=1000), 224)
-        own = complexity(model, cfg.data.img_size)
-        cx.update(
-            paper_params=cx.pop("params"),
-            params=own["params"],
-            train_gflops=own["gflops"],
-            train_gflops_total=own["gflops_total"],
-            img_size=cfg.data.img_size,
-            num_classes=data.num_classes,
-        )
-        if is_main:
-            write_json(paths["complexity"], cx)
+    cx = _complexity(cfg, mcfg, model, data.num_classes, paths["complexity"], info.is_main)
 
     model.to(device)
-    cuda = device.type == "cuda"
     if cfg.channels_last:  # faster on GPU and, for the conv/BN steps, on CPU too
         model.to(memory_format=torch.channels_last)
     train_model = model
     if world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if cuda else None)
+        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
     if cfg.compile:
+        torch._dynamo.reset()  # a fresh cache per run: one-process sweeps would hit the recompile limit
         train_model = torch.compile(train_model)
 
-    lr = lr_for(t)
-    opt_kwargs = {"momentum": t.momentum} if t.optimizer in ("sgd", "momentum", "nesterov") else {}
-    if t.optimizer in ("adamw", "adam", "lamb"):
-        opt_kwargs = {"betas": (t.momentum, 0.999)}
-    try:
-        optimizer = create_optimizer_v2(model, opt=t.optimizer, lr=lr, weight_decay=t.weight_decay, **opt_kwargs)
-    except (AssertionError, ValueError) as e:
-        raise ConfigError(f"train.optimizer={t.optimizer!r}: {e} (e.g. adamw, sgd, lamb)") from None
-    steps_per_epoch = len(data.train) // t.grad_accum
+    optimizer = _optimizer(model, t)
+    steps_per_epoch = data.batches_per_epoch() // t.grad_accum
     if cfg.max_steps:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps)
     epochs = int(t.epochs)
@@ -344,20 +302,17 @@ def train(cfg, run_dir: str, gpu_index: int | None = None) -> dict:
         else (lambda: torch.autocast("cpu", enabled=False))
     )
 
-    start_epoch, history, wall_before = 1, [], 0.0
-    if os.path.exists(paths["ckpt"]):
-        ck = torch.load(paths["ckpt"], map_location="cpu", weights_only=True)
-        model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
-        if ema is not None and ck.get("ema") is not None:
-            ema.load_state_dict(ck["ema"])
-        _set_rng_state(ck["rng"])
-        start_epoch, history, wall_before = ck["epoch"] + 1, ck["history"], ck["wall_s"]
-        log.info("resuming %s from epoch %d", run_dir, start_epoch)
-    if is_main:  # rewrite metrics from the checkpoint: each finished epoch appears exactly once
+    state = RunState(model, optimizer, scheduler, ema)
+    if state.load(paths["ckpt"]):
+        log.info("resuming %s from epoch %d, step %d", run_dir, state.epoch + 1, state.step)
+    if info.is_main:  # rewrite metrics from the checkpoint: each finished epoch appears exactly once
         with open(paths["metrics"], "w") as f:
-            f.writelines(json.dumps(h) + "\n" for h in history)
+            f.writelines(json.dumps(h) + "\n" for h in state.history)
+    model_cfg_dict = OmegaConf.to_container(cfg.model, resolve=True)
+
+    def checkpoint() -> None:
+        if info.is_main:
+            state.save(paths["ckpt"], model_cfg_dict, state.wall_s + time.time() - t_start)
 
     log.info(
         "%s | %s | %s params, %.3f GFLOPs at %dpx (%.3f at 224px full scale) | lr %.2e | %s x %d epochs",
@@ -367,105 +322,108 @@ def train(cfg, run_dir: str, gpu_index: int | None = None) -> dict:
         cx["train_gflops"],
         cfg.data.img_size,
         cx["gflops"],
-        lr,
+        lr_for(t),
         f"{t.batch_size} batch",
         epochs,
     )
-    model.train()
-    global_step = (start_epoch - 1) * steps_per_epoch
-    for epoch in range(start_epoch, epochs + 1):
-        data.set_epoch(epoch)
-        # augmentation randomness per epoch, resume-exact: timm's Mixup draws from numpy, RandomErasing from random
-        seed_all(cfg.seed * 1000 + epoch * 10 + rank)
-        t_epoch, loss_sum, seen = time.time(), torch.zeros((), device=device), 0
-        bar = tqdm(
-            total=steps_per_epoch,
-            desc=f"epoch {epoch}/{epochs}",
-            leave=False,
-            dynamic_ncols=True,
-            disable=not (cfg.progress and is_main),
-        )
-        batches = data.train_batches()
-        for step in range(steps_per_epoch):
-            for micro_i in range(t.grad_accum):
-                x, y = next(batches)
-                if cfg.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                sync = micro_i == t.grad_accum - 1 or world == 1
-                ctx = train_model.no_sync() if not sync and hasattr(train_model, "no_sync") else nullcontext()
-                with ctx, amp_ctx():
-                    loss = criterion(train_model(x), y)
-                (loss / t.grad_accum).backward()
-                loss_sum += loss.detach()
-                seen += len(y)
-            if t.clip_grad:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            global_step += 1
-            scheduler.step_update(global_step)
-            if ema is not None:
-                ema.update(model, step=global_step)
-            if step % 50 == 0 or step == steps_per_epoch - 1:
-                mean_loss = loss_sum.item() / ((step + 1) * t.grad_accum)
-                if not math.isfinite(mean_loss):
-                    raise TrainingDiverged(
-                        f"the training loss became {mean_loss} at epoch {epoch}, step {step + 1}; the last good "
-                        f"checkpoint (epoch {epoch - 1}) is kept in {paths['ckpt']}. Try a lower train.lr, a longer "
-                        "train.warmup_epochs or train.clip_grad=1.0."
-                    )
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-            bar.update(1)
-        bar.close()
-        if world > 1:
-            dist.all_reduce(loss_sum)
-        train_loss = loss_sum.item() / (steps_per_epoch * t.grad_accum * world)
-        epoch_s = time.time() - t_epoch
-        eval_now = epoch == epochs or epoch % max(1, t.eval_every) == 0
-        top1, top5 = (
-            evaluate(ema.module if ema is not None else model, data, device, amp_ctx) if eval_now else (None, None)
-        )
-        rec = {
-            "epoch": epoch,
-            "train_loss": round(train_loss, 5),
-            "lr": optimizer.param_groups[0]["lr"],
-            "top1": top1,
-            "top5": top5,
-            "epoch_s": round(epoch_s, 2),
-            "img_per_s": round(seen * world / epoch_s, 1),
-        }
-        history.append(rec)
-        wall = wall_before + time.time() - t_start
-        if is_main:
-            atomic_save(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "ema": ema.state_dict() if ema is not None else None,
-                    "epoch": epoch,
-                    "history": history,
-                    "wall_s": wall,
-                    "rng": _rng_state(),
-                    "model_config": OmegaConf.to_container(cfg.model, resolve=True),
-                },
-                paths["ckpt"],
-            )
-            with open(paths["metrics"], "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            acc = "" if top1 is None else f" | top1 {top1:.2f} top5 {top5:.2f}"
-            log.info(
-                "epoch %d/%d | loss %.4f | lr %.2e%s | %.1fs | %.0f img/s",
-                epoch,
-                epochs,
-                train_loss,
-                rec["lr"],
-                acc,
-                epoch_s,
-                rec["img_per_s"],
-            )
 
-    last = history[-1] if history else {}
+    # ------------------------------------------------------------------------------------------- epoch loop
+    model.train()
+    ckpt_every_s = t.ckpt_every_min * 60 if t.ckpt_every_min else None
+    last_save = time.time()
+    check_every = 1 if world == 1 else 10  # under DDP, stop / timed-save decisions cost a collective
+    with D.PreemptionGuard() as guard:
+        for epoch in range(state.epoch + 1, epochs + 1):
+            start = state.step  # > 0 when resuming in the middle of this epoch
+            data.set_epoch(epoch, start * t.grad_accum)
+            loss_sum = torch.tensor(state.partial["loss_sum"] if (start and info.is_main) else 0.0, device=device)
+            seen = state.partial["seen"] if start else 0
+            t_epoch = time.time() - (state.partial["epoch_s"] if start else 0.0)
+            bar = tqdm(total=steps_per_epoch, initial=start, desc=f"epoch {epoch}/{epochs}", leave=False,
+                       dynamic_ncols=True, disable=not (cfg.progress and info.is_main))  # fmt: skip
+            batches = data.train_batches()
+            for step in range(start, steps_per_epoch):
+                # this step's randomness (augmentation, Mixup, erasing, drop path) from its own stream
+                seed_all(derive_seed(cfg.seed, AUGMENT, epoch, step, rank))
+                for micro_i in range(t.grad_accum):
+                    x, y = next(batches)
+                    if cfg.channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    sync = micro_i == t.grad_accum - 1 or world == 1
+                    ctx = train_model.no_sync() if not sync and hasattr(train_model, "no_sync") else nullcontext()
+                    with ctx, amp_ctx():
+                        loss = criterion(train_model(x), y)
+                    (loss / t.grad_accum).backward()
+                    loss_sum += loss.detach()
+                    seen += len(y)
+                if t.clip_grad:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step_update((epoch - 1) * steps_per_epoch + step + 1)
+                if ema is not None:
+                    ema.update(model, step=(epoch - 1) * steps_per_epoch + step + 1)
+                state.step = step + 1
+                bar.update(1)
+                if step % 50 == 0 or step == steps_per_epoch - 1:
+                    total = _all_sum(loss_sum)  # every rank sees the same loss, so all stop together
+                    mean_loss = total.item() / ((step + 1) * t.grad_accum * world)
+                    if not math.isfinite(mean_loss):
+                        bar.close()
+                        raise TrainingDiverged(
+                            f"the training loss became {mean_loss} at epoch {epoch}, step {step + 1}; the last good "
+                            f"checkpoint is kept in {paths['ckpt']}. Try a lower train.lr, a longer "
+                            "train.warmup_epochs or train.clip_grad=1.0."
+                        )
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+                if state.step < steps_per_epoch and (step + 1) % check_every == 0:
+                    timed = ckpt_every_s is not None and time.time() - last_save >= ckpt_every_s
+                    flags = torch.tensor([guard.signum is not None, timed], device=device)
+                    if world > 1:
+                        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                    stop, timed = bool(flags[0]), bool(flags[1])
+                    if stop or timed:
+                        state.partial = {"loss_sum": _all_sum(loss_sum).item(), "seen": seen,
+                                         "epoch_s": time.time() - t_epoch}  # fmt: skip
+                        checkpoint()
+                        last_save = time.time()
+                    if stop:
+                        bar.close()
+                        guard.stop(
+                            f"stopped by a signal at epoch {epoch}, step {state.step}/{steps_per_epoch}; the "
+                            f"checkpoint {paths['ckpt']} holds that exact position: run the same command again "
+                            "(same run folder) to resume"
+                        )
+            bar.close()
+
+            # ------------------------------------------------------------------------------ end of epoch
+            train_loss = _all_sum(loss_sum).item() / (steps_per_epoch * t.grad_accum * world)
+            epoch_s = time.time() - t_epoch
+            eval_now = epoch == epochs or epoch % max(1, t.eval_every) == 0
+            top1, top5 = evaluate(ema.module if ema is not None else model, data, amp_ctx) if eval_now else (None, None)
+            rec = {
+                "epoch": epoch,
+                "train_loss": round(train_loss, 5),
+                "lr": optimizer.param_groups[0]["lr"],
+                "top1": top1,
+                "top5": top5,
+                "epoch_s": round(epoch_s, 2),
+                "img_per_s": round(seen * world / epoch_s, 1),
+            }
+            state.history.append(rec)
+            state.epoch, state.step = epoch, 0
+            state.partial = {"loss_sum": 0.0, "seen": 0, "epoch_s": 0.0}
+            checkpoint()
+            last_save = time.time()
+            if info.is_main:
+                with open(paths["metrics"], "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                acc = "" if top1 is None else f" | top1 {top1:.2f} top5 {top5:.2f}"
+                log.info("epoch %d/%d | loss %.4f | lr %.2e%s | %.1fs | %.0f img/s",
+                         epoch, epochs, train_loss, rec["lr"], acc, epoch_s, rec["img_per_s"])  # fmt: skip
+
+    # --------------------------------------------------------------------------------------------- summary
+    last = state.history[-1] if state.history else {}
     summary = {
         "status": "finished",
         "step": cfg.step,
@@ -483,15 +441,23 @@ def train(cfg, run_dir: str, gpu_index: int | None = None) -> dict:
         "gflops_total": round(cx["gflops_total"], 4),
         "train_gflops": round(cx["train_gflops"], 6),
         "epochs": epochs,
-        "wall_s": round(wall_before + time.time() - t_start, 1),
+        "wall_s": round(state.wall_s + time.time() - t_start, 1),
         "device": device_name(device),
         "world_size": world,
         "img_size": cfg.data.img_size,
         "num_classes": data.num_classes,
     }
-    if is_main:
+    if info.is_main:
         write_json(paths["summary"], summary)
     return summary
+
+
+def _all_sum(x: torch.Tensor) -> torch.Tensor:
+    """The sum of `x` over ranks (a copy; `x` itself is left as it is)."""
+    x = x.detach().clone()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(x)
+    return x
 
 
 def device_name(device: torch.device) -> str:

@@ -90,11 +90,12 @@ class Regime:
     width: int = 64  # the starting ResNet's stem width
     stage_ratio_width: int = 64  # width after "stage ratio" (r200 widens to 84 in the same step)
     wide_width: int = 96  # width after "increase width"
+    drop_path_rate: float = 0.1  # the end point's stochastic depth in the paper's recipe (ConvNeXt-T 0.1, -B 0.5)
 
 
 REGIMES = {
     "r50": Regime(),
-    "r200": Regime("r200", [3, 24, 36, 3], [3, 3, 27, 3], 64, 84, 128),
+    "r200": Regime("r200", [3, 24, 36, 3], [3, 3, 27, 3], 64, 84, 128, 0.5),
 }
 
 # Roadmap order; each step's delta applies on top of all earlier ones.
