@@ -6,12 +6,13 @@ import math
 from collections.abc import Iterable
 from pathlib import Path
 
+from analysis.fidelity import fidelity, fidelity_caption, fidelity_json, fidelity_markdown
 from analysis.figure import flops_figure, roadmap_figure, set_plot_style
-from analysis.runs import FIGURE_ORDER, collect, find_run_dirs, summarize
+from analysis.runs import FIGURE_ORDER, collect, find_run_dirs, portable, results_csv, summarize
 
 __all__ = [
-    "FIGURE_ORDER", "analyze", "collect", "find_run_dirs", "flops_figure", "markdown_table", "roadmap_figure",
-    "set_plot_style", "summarize",
+    "FIGURE_ORDER", "analyze", "collect", "fidelity", "find_run_dirs", "flops_figure", "markdown_table",
+    "results_csv", "roadmap_figure", "set_plot_style", "summarize",
 ]  # fmt: skip
 
 
@@ -60,11 +61,12 @@ def markdown_table(summary) -> str:
 
 
 def analyze(paths: Iterable[str | Path] | str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
-    """Collect every run under paths and write results.csv/.md, summary.csv and the figures into out_dir.
+    """Collect every run under paths and write results.csv/.md, summary.csv, fidelity.json and the figures.
 
-    out_dir defaults to the first path. One roadmap/flops figure per regime present; with several regimes the
-    non-r50 ones get a _<regime> suffix. Returns {file name: path written}. Raises ValueError when no run folder
-    exists under paths.
+    out_dir defaults to the first path (its folder when it is a results.csv). Run folders are named relative to
+    out_dir in every file written, so the results stay valid when the folder is moved or committed. One
+    roadmap/flops figure per regime present; with several regimes the non-r50 ones get a _<regime> suffix.
+    Returns {file name: path written}. Raises ValueError when no run exists under paths.
     """
     paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
     if not paths:
@@ -72,26 +74,29 @@ def analyze(paths: Iterable[str | Path] | str | Path, out_dir: str | Path | None
     df = collect(paths)
     if df.empty:
         raise ValueError(f"no run folders (config.yaml) under {', '.join(map(str, paths))}")
-    out = Path(out_dir) if out_dir is not None else paths[0]
+    out = Path(out_dir) if out_dir is not None else paths[0].parent if paths[0].is_file() else paths[0]
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(df)
+    records = fidelity(summary)
     written: dict[str, Path] = {}
 
     def put(name: str) -> Path:
         written[name] = out / name
         return out / name
 
-    df.to_csv(put("results.csv"), index=False)
+    portable(df, out).to_csv(put("results.csv"), index=False)
     summary.to_csv(put("summary.csv"), index=False)
-    table = markdown_table(summary)
+    put("fidelity.json").write_text(fidelity_json(records))
+    table = markdown_table(summary) + "\n" + fidelity_markdown(records)
     put("results.md").write_text(table)
     print(table)
 
     set_plot_style()
     regimes = list(dict.fromkeys(summary["regime"]))
+    captions = {rec["regime"]: fidelity_caption(rec) for rec in records}
     for regime in regimes:
         suffix = "" if regime == "r50" or len(regimes) == 1 else f"_{regime}"
-        roadmap_figure(summary, out / f"roadmap{suffix}", regime=regime)
+        roadmap_figure(summary, out / f"roadmap{suffix}", regime=regime, caption=captions.get(regime))
         flops_figure(summary, out / f"roadmap_flops{suffix}", regime=regime)
         for stem in (f"roadmap{suffix}", f"roadmap_flops{suffix}"):
             for ext in ("png", "svg"):

@@ -10,20 +10,28 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (2 for a bad DIR, with a one-line message)."""
     parser = argparse.ArgumentParser(prog="python -m analysis", description=__doc__)
-    parser.add_argument("dirs", nargs="+", type=Path, help="sweep or run folders (searched recursively)")
+    parser.add_argument(
+        "dirs", nargs="+", type=Path, help="sweep or run folders (searched recursively), or results.csv files to merge"
+    )
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: the first DIR)")
     args = parser.parse_args(argv)
 
-    from analysis import analyze, find_run_dirs  # after parsing: --help should not pay for pandas/matplotlib
+    from analysis import analyze, find_run_dirs, results_csv  # after parsing: --help need not pay for pandas
 
     for d in args.dirs:
+        if results_csv(d) is not None:
+            continue
         if not d.is_dir():
-            print(f"error: {d} does not exist or is not a directory", file=sys.stderr)
+            print(f"error: {d} does not exist or is not a directory (or a results.csv)", file=sys.stderr)
             return 2
         if not find_run_dirs([d]):
-            print(f"error: no run folders (config.yaml) under {d}", file=sys.stderr)
+            print(f"error: no run folders (config.yaml) and no results.csv under {d}", file=sys.stderr)
             return 2
-    written = analyze(args.dirs, args.out)
+    try:
+        written = analyze(args.dirs, args.out)
+    except ValueError as e:  # e.g. a CSV that is not a results table
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print("wrote " + ", ".join(str(p) for p in written.values()))
     return 0
 

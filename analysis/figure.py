@@ -141,27 +141,45 @@ def _status_label(row) -> str:
     return "finished, no top-1 recorded" if status == "finished" else "missing"
 
 
-def roadmap_figure(summary: pd.DataFrame, out_stem: Path, regime: str = "r50") -> Figure:
+def roadmap_figure(summary: pd.DataFrame, out_stem: Path, regime: str = "r50", caption: str | None = None) -> Figure:
     """The roadmap as horizontal bars (ours | numbers | paper), written to out_stem.png/.svg; returns the Figure.
 
     Every bar of the summary gets exactly one bar patch in the left panel with gid 'bar:<name>' (zero width
-    when there is nothing to show), so callers can count bars in the Figure or in the SVG.
+    when there is nothing to show), so callers can count bars in the Figure or in the SVG. caption (e.g. the
+    fidelity line of analysis.fidelity.fidelity_caption) is drawn in a box under the title, with gid 'caption'.
     """
     with mpl.rc_context(STYLE):  # the project style without changing the caller's global rcParams
-        return _roadmap_figure(summary, out_stem, regime)
+        return _roadmap_figure(summary, out_stem, regime, caption)
 
 
-def _roadmap_figure(summary: pd.DataFrame, out_stem: Path, regime: str) -> Figure:
+def _roadmap_figure(summary: pd.DataFrame, out_stem: Path, regime: str, caption: str | None = None) -> Figure:
     """roadmap_figure's body, run inside the style context."""
     s = _for_regime(summary, regime)
     n = len(s)
     big, small = ARCH.get(regime, ("ResNet", "ConvNeXt"))
-    fig = _new_figure((14, 1.9 + 0.36 * max(n, 3)))
-    gs = fig.add_gridspec(1, 4, width_ratios=[4.3, 1.6, 2.6, 1.05])
-    ax = fig.add_subplot(gs[0])
-    axt = fig.add_subplot(gs[1], sharey=ax)  # our numbers
-    axp = fig.add_subplot(gs[2], sharey=ax)  # the paper's bars
-    axpt = fig.add_subplot(gs[3], sharey=ax)  # the paper's numbers
+    body = 1.9 + 0.36 * max(n, 3)
+    cap = 0.22 * (caption.count("\n") + 1) + 0.2 if caption else 0.0  # inches for the caption row
+    fig = _new_figure((14, body + cap))
+    heights = [cap, body] if caption else [body]
+    gs = fig.add_gridspec(len(heights), 4, width_ratios=[4.3, 1.6, 2.6, 1.05], height_ratios=heights)
+    ax = fig.add_subplot(gs[-1, 0])
+    axt = fig.add_subplot(gs[-1, 1], sharey=ax)  # our numbers
+    axp = fig.add_subplot(gs[-1, 2], sharey=ax)  # the paper's bars
+    axpt = fig.add_subplot(gs[-1, 3], sharey=ax)  # the paper's numbers
+    if caption:  # the fidelity box: its own row under the title, across all panels
+        axc = fig.add_subplot(gs[0, :])
+        axc.axis("off")
+        axc.text(
+            0.0,
+            0.5,
+            caption,
+            transform=axc.transAxes,
+            ha="left",
+            va="center",
+            fontsize=9.5,
+            gid="caption",
+            bbox={"boxstyle": "round,pad=0.4", "facecolor": "#fff8e1", "edgecolor": "#d9a400", "linewidth": 0.8},
+        )
     y = np.arange(n)
 
     finished = s["status"].eq("finished") & s["top1_mean"].map(_isnum) if n else pd.Series(dtype=bool)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -177,14 +178,73 @@ def load_run(run_dir: str | Path) -> dict:
     return row
 
 
+def results_csv(path: str | Path) -> Path | None:
+    """The results.csv to read for path: path itself if it is a .csv file, DIR/results.csv if DIR holds no run
+    folder (e.g. docs/, or a sweep copied without its runs), else None: run folders are always read first-hand."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".csv":
+        return path
+    if path.is_dir() and (path / "results.csv").is_file() and not find_run_dirs([path]):
+        return path / "results.csv"
+    return None
+
+
+def read_results_csv(path: str | Path) -> pd.DataFrame:
+    """The run rows of a results.csv written by analyze; relative run_dirs are resolved against the CSV's folder."""
+    path = Path(path)
+    try:
+        df = pd.read_csv(path)
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise ValueError(f"{path}: not a results table ({e})") from e
+    if not {"run_dir", "bar", "status", "top1"} <= set(df.columns):
+        raise ValueError(f"{path}: not a results table (needs run_dir, bar, status, top1; has {', '.join(df.columns)})")
+    for col in RUN_COLUMNS:
+        if col not in df.columns:
+            df[col] = NAN
+    base = path.resolve().parent
+    df["run_dir"] = [os.path.normpath(base / str(d)) for d in df["run_dir"]]  # an absolute run_dir stays as it is
+    df["error"] = [e if isinstance(e, str) else "" for e in df["error"]]
+    df["seed"] = [None if math.isnan(_num(x)) else int(_num(x)) for x in df["seed"]]
+    df["order"] = [bar_order(b) for b in df["bar"]]  # the figure order of today's code, not of the writer's
+    return df[RUN_COLUMNS]
+
+
 def collect(paths: Iterable[str | Path] | str | Path) -> pd.DataFrame:
-    """One row per run folder found (recursively) under any of paths: status, top-1, complexity, epochs."""
+    """One row per run folder found (recursively) under any of paths: status, top-1, complexity, epochs.
+
+    A path may also be a results.csv, or a folder holding one and no run folder: its rows are merged in (a run
+    that is also present as a folder is read from the folder).
+    """
     if isinstance(paths, (str, Path)):
         paths = [paths]
-    rows = [load_run(d) for d in find_run_dirs(paths)]
-    df = pd.DataFrame(rows, columns=RUN_COLUMNS)
+    paths = list(paths)
+    csvs = [c for c in map(results_csv, paths) if c is not None]
+    rows = [load_run(d) for d in find_run_dirs(p for p in paths if results_csv(p) is None)]
+    frames = [pd.DataFrame(rows, columns=RUN_COLUMNS)]
+    seen = {r["run_dir"] for r in rows}
+    for c in csvs:
+        table = read_results_csv(c)
+        table = table[~table["run_dir"].isin(seen)]
+        seen |= set(table["run_dir"])
+        frames.append(table)
+    frames = [f for f in frames if len(f)]
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=RUN_COLUMNS)
     df = df.sort_values(["regime", "order", "bar", "seed", "run_dir"], na_position="last", key=_sort_key)
     return df.reset_index(drop=True)
+
+
+def portable(df: pd.DataFrame, base: str | Path) -> pd.DataFrame:
+    """df with run_dir relative to base (POSIX separators), so a results table stays valid when moved or merged."""
+    base = os.path.abspath(base)
+
+    def rel(d) -> str:
+        """d relative to base; unchanged when it has no relative form (another drive)."""
+        try:
+            return Path(os.path.relpath(os.path.abspath(str(d)), base)).as_posix()
+        except ValueError:
+            return str(d)
+
+    return df.assign(run_dir=[rel(d) for d in df["run_dir"]])
 
 
 def _sort_key(col: pd.Series) -> pd.Series:
@@ -216,8 +276,8 @@ def summarize(df: pd.DataFrame, fill_missing: bool = True) -> pd.DataFrame:
     columns = [
         "regime", "bar", "step", "title", "status", "gflops", "gflops_total", "params", "paper_params", "top1_mean",
         "top1_std", "n",
-        "n_failed", "n_running", "n_broken", "running_top1", "epochs_done", "epochs_planned", "profile", "recipe",
-        "paper_top1", "paper_gflops", "adopted", "order",
+        "n_failed", "n_running", "n_broken", "running_top1", "epochs_done", "epochs_planned", "profile", "data",
+        "recipe", "paper_top1", "paper_gflops", "adopted", "order",
     ]  # fmt: skip
     return pd.DataFrame(rows, columns=columns).reset_index(drop=True)
 
@@ -275,6 +335,7 @@ def _summary_row(regime: str, bar: str, runs: pd.DataFrame) -> dict:
         "epochs_done": float(pd.to_numeric(running["epochs"], errors="coerce").max()) if len(running) else NAN,
         "epochs_planned": _first(runs["epochs_planned"]),
         "profile": ",".join(sorted(map(str, runs["profile"].dropna().unique()))),
+        "data": ",".join(sorted(map(str, runs["data"].dropna().unique()))),
         "recipe": ",".join(sorted(map(str, runs["recipe"].dropna().unique()))),
         "paper_top1": ref.top1.get(regime, NAN) if ref else NAN,
         "paper_gflops": ref.gflops.get(regime, NAN) if ref else NAN,
@@ -283,4 +344,7 @@ def _summary_row(regime: str, bar: str, runs: pd.DataFrame) -> dict:
     }
 
 
-__all__ = ["FIGURE_ORDER", "bar_order", "collect", "find_run_dirs", "load_run", "summarize", "paper_step"]
+__all__ = [
+    "FIGURE_ORDER", "bar_order", "collect", "find_run_dirs", "load_run", "paper_step", "portable", "read_results_csv",
+    "results_csv", "summarize",
+]  # fmt: skip

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -182,7 +183,18 @@ def test_analyze_full_table(analyzed, full_sweep):
     assert set(runs["status"]) == {"finished"}
     md = (out / "results.md").read_text()
     assert "ResNet-50 (original recipe)" in md and "kernel sz. → 9 (not adopted)" in md
-    assert md.count("\n|") == len(ALL_BARS) + 1  # header separator + one line per bar
+    table, fid = md.split("## Fidelity")
+    assert table.count("\n|") == len(ALL_BARS) + 1  # header separator + one line per bar
+    # fake_top1 rises 0.25 per bar and every step's seeds are 0.2 apart: the figures follow by hand
+    (rec,) = json.loads((out / "fidelity.json").read_text())["groups"]
+    gap = FIGURE_ORDER.index("separate_downsampling") - FIGURE_ORDER.index("baseline")
+    assert rec["headline"]["value"] == pytest.approx(0.25 * gap)
+    assert rec["headline"]["se"] == pytest.approx(0.2 / math.sqrt(2))  # sqrt(s^2/2 + s^2/2) with s = 0.2/sqrt(2)
+    assert rec["big_step_signs"]["text"] == "5/7"  # the paper's two falls (depthwise conv, move up) rise here
+    assert rec["big_step_signs"]["disagree"] == ["depthwise_conv", "move_up_dwconv"]
+    assert rec["noise_floor"]["value"] == pytest.approx(0.2 / math.sqrt(2)) and rec["missing"] == []
+    assert "| big steps (paper change ≥ 0.5) with the paper's sign | 5/7;" in fid
+    assert "vs paper (Table 10): headline +3.75 ± 0.14 (paper +3.15)" in (out / "roadmap.svg").read_text()
 
 
 def test_summary_mean_std_and_order(full_sweep):
@@ -229,6 +241,16 @@ def test_callback_writes_figures_missing_bars_and_two_regimes(tmp_path):
     ):
         assert (tmp_path / name).stat().st_size > 0, name
     assert len(pd.read_csv(tmp_path / "results.csv")) == 5
+    groups = {g["regime"]: g for g in json.loads((tmp_path / "fidelity.json").read_text())["groups"]}
+    assert set(groups) == {"r50", "r200"}  # one fidelity record per regime, like the figures
+    missing = groups["r50"]["missing"]
+    assert missing[:2] == ["stage_ratio (0 seeds)", "patchify_stem (0 seeds)"]
+    assert "gelu (0 seeds; 1 running)" in missing
+    assert len(missing) == 12  # every step but the baseline, which has both seeds
+    r200 = groups["r200"]["headline"]
+    assert r200["value"] is None and r200["reason"] == "no finished run of separate_downsampling"
+    assert groups["r200"]["paper"].startswith("Table 11")
+    assert "gelu (0 seeds; 1 running)" in (tmp_path / "results.md").read_text()
     s = summarize(collect([tmp_path]))
     r50 = s[s["regime"] == "r50"].set_index("bar")
     # roadmap steps without runs are listed as missing; variants (recipe, kernel sizes) only when they have runs
@@ -262,3 +284,51 @@ def test_cli_bad_dir_exits_2(tmp_path, make):
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
     assert str(target) in proc.stderr
+
+
+def _written_text(folder: Path) -> dict[str, str]:
+    """Every text file analyze wrote into folder."""
+    return {p.name: p.read_text() for p in folder.iterdir() if p.suffix in (".csv", ".md", ".json", ".svg")}
+
+
+def test_cli_writes_fidelity_and_portable_results(tmp_path):
+    """`python -m analysis DIR`: fidelity.json, a Fidelity section, run folders relative to DIR, still valid after
+    DIR moves; no file written names the machine's absolute path."""
+    sweep = tmp_path / "sweep"
+    for bar in [s.name for s in ROADMAP if s.name != "gelu"]:
+        for seed in (0, 1):
+            write_run(sweep, bar, seed, top1=fake_top1(bar, seed))
+    proc = subprocess.run(
+        [sys.executable, "-m", "analysis", str(sweep)], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (rec,) = json.loads((sweep / "fidelity.json").read_text())["groups"]
+    assert rec["missing"] == ["gelu (0 seeds)"]
+    assert rec["big_step_signs"]["not_measured"] == ["fewer_activations"]  # its previous step is gelu
+    assert rec["rank_correlation"]["n_steps"] == 12
+    md = (sweep / "results.md").read_text()
+    assert "## Fidelity" in md and "Missing: gelu (0 seeds)" in md
+    texts = _written_text(sweep)
+    assert {"results.csv", "summary.csv", "results.md", "fidelity.json", "roadmap.svg"} <= set(texts)
+    assert not [name for name, text in texts.items() if str(tmp_path) in text]
+    moved = tmp_path / "elsewhere" / "sweep"
+    shutil.move(str(sweep), str(moved))
+    runs = pd.read_csv(moved / "results.csv")
+    assert sorted(runs["run_dir"])[:2] == ["baseline/seed0", "baseline/seed1"]
+    assert all((moved / d / "summary.json").is_file() for d in runs["run_dir"])
+
+
+def test_results_csv_is_an_input_and_merges(tmp_path, full_sweep):
+    """A results.csv written elsewhere (--out) names runs relative to itself and redraws the same summary."""
+    out = tmp_path / "docs"
+    analyze([full_sweep], out_dir=out)
+    runs = pd.read_csv(out / "results.csv")
+    assert not runs["run_dir"].str.startswith("/").any()
+    assert all((out / d / "config.yaml").is_file() for d in runs["run_dir"])  # e.g. ../../sweep0/gelu/seed1
+    redrawn = tmp_path / "redrawn"
+    analyze([out], out_dir=redrawn)  # a folder with a results.csv and no run folder: the CSV is read
+    a, b = (pd.read_csv(d / "summary.csv") for d in (out, redrawn))
+    pd.testing.assert_frame_equal(a, b)
+    assert (redrawn / "fidelity.json").read_text() == (out / "fidelity.json").read_text()
+    merged = collect([out / "results.csv", full_sweep])  # the same runs by CSV and by folder: counted once
+    assert len(merged) == len(runs)
