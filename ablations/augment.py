@@ -290,6 +290,26 @@ class BatchRandAugment:
         return x
 
 
+def pil_posterize(img, bits_to_keep, **_):
+    """timm's posterize, 0 bits kept giving a black image as Pillow < 10 did: Pillow >= 10 raises for 0 bits, which
+    timm's PosterizeIncreasing asks for whenever a noisy magnitude is clipped to 10 (about 0.2 % of images)."""
+    from PIL import Image, ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    return ImageOps.posterize(img, bits_to_keep) if bits_to_keep >= 1 else Image.new(img.mode, img.size, 0)
+
+
+def fix_timm_posterize(transform):
+    """Point every timm Posterize op inside `transform` (a Compose, a RandAugment or an AugmentOp) at pil_posterize;
+    returns `transform`."""
+    if getattr(transform, "name", "").startswith("Posterize") and hasattr(transform, "aug_fn"):
+        transform.aug_fn = pil_posterize
+    for child in [*getattr(transform, "transforms", []), *getattr(transform, "ops", [])]:
+        fix_timm_posterize(child)
+    return transform
+
+
 # ------------------------------------------------------------------------------------------------ the batch
 class BatchAugment:
     """Train-time augmentation of a uint8 batch [B, C, h, w] into a normalised float batch [B, 3, S, S] + targets."""

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ablations.augment import BatchRandAugment, parse_randaug
+from ablations.augment import BatchRandAugment, fix_timm_posterize, parse_randaug
 
 FMNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 FMNIST_MEAN = 0.286  # conf/data/fashion_mnist.yaml
@@ -61,25 +61,12 @@ def timm_hparams(size: int, mean: float | tuple = FMNIST_MEAN) -> dict:
     )
 
 
-def _posterize(img, bits_to_keep, **_):
-    """timm's posterize, keeping 0 bits (a black image) as Pillow < 10 did: Pillow >= 10 raises for bits 0, which
-    timm's PosterizeIncreasing asks for whenever the noisy magnitude is clipped to 10."""
-    from PIL import Image, ImageOps
-
-    if bits_to_keep >= 8:
-        return img
-    return ImageOps.posterize(img, bits_to_keep) if bits_to_keep >= 1 else Image.new(img.mode, img.size, 0)
-
-
 def timm_outputs(x: torch.Tensor, spec: str, hparams: dict, seed: int = 0) -> torch.Tensor:
     """timm's RandAugment applied image by image to PIL RGB images; float [n, 3, H, W] in 0-255."""
     from PIL import Image
     from timm.data.auto_augment import rand_augment_transform
 
-    tf = rand_augment_transform(spec, dict(hparams))
-    for op in tf.ops:
-        if op.name.startswith("Posterize"):
-            op.aug_fn = _posterize
+    tf = fix_timm_posterize(rand_augment_transform(spec, dict(hparams)))  # Pillow >= 10 raises for 0 bits
     random.seed(seed)  # timm draws with python's random and numpy
     np.random.seed(seed)
     out = [np.asarray(tf(Image.fromarray(img.permute(1, 2, 0).numpy(), "RGB"))) for img in x]
