@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ablations.augment import BatchAugment, eval_transform
+from ablations.augment import BatchAugment, eval_transform, fix_timm_posterize, parse_randaug
 from models import ConfigError
 from models.layers import choice
 
@@ -253,6 +253,7 @@ def image_folder(cfg, split: str, train_cfg=None):
             "val/<class>/ (the ImageNet / Imagenette layout)"
         )
     if train_cfg is not None and split == "train":
+        parse_randaug(train_cfg.randaug)  # a malformed string: a clear error here, not timm's bare assert
         tf = create_transform(
             cfg.img_size,
             is_training=True,
@@ -265,6 +266,7 @@ def image_folder(cfg, split: str, train_cfg=None):
             std=tuple(cfg.std),
             interpolation="bicubic",
         )
+        fix_timm_posterize(tf)  # timm's PosterizeIncreasing can ask Pillow >= 10 for 0 bits, which raises
     else:
         tf = create_transform(
             cfg.img_size,

@@ -237,7 +237,9 @@ def train(cfg, run_dir: str, gpu_index: int | None = None) -> dict:
     # ------------------------------------------------------------------------------------------------ set-up
     t_start = time.time()
     check_numbers(cfg)
-    info = D.setup(cfg.device) if D.dist_info().world > 1 else D.dist_info()
+    info = D.dist_info()
+    if info.world > 1 and not dist.is_initialized():  # run_ablation.py joins the group first; direct callers here
+        info = D.setup(cfg.device)
     rank, world = info.rank, info.world
     device = pick_device(cfg.device, gpu_index if world == 1 and gpu_index is not None else info.local_rank)
     cuda = device.type == "cuda"
