@@ -1,11 +1,16 @@
 """Load local checkpoints of the roadmap's endpoints saved from timm, torchvision or the official ConvNeXt code.
 
-Each foreign format is a list of (regex, replacement) renames into this package's names; 1x1 weights saved from
-nn.Linear and [C,1,1] layer scales are reshaped to our shapes. Detection is by a key only that format has.
+Each foreign format is a list of (regex, replacement) renames into this package's names. Detection is by a key only
+that format has. Every tensor must then have exactly our shape, save two real format conversions (CONVERSIONS):
+ConvNeXt's pointwise convs saved from nn.Linear ([out, in] -> our 1x1 conv [out, in, 1, 1]) and torchvision's
+[C, 1, 1] layer scale (-> [C]). Anything else, a transposed or swapped weight with the right element count
+included, is a ConfigError naming the key and both shapes.
 """
 
 from __future__ import annotations
 
+import argparse
+import math
 import os
 import re
 
@@ -82,56 +87,131 @@ FORMATS = [
 ]
 
 
+# The only shape changes that are format conversions, by our key: (key pattern, the checkpoint's shape as a function
+# of ours, what it converts). Our own format needs none.
+CONVERSIONS = [
+    (
+        re.compile(r"\.body\.conv_pw[12]\.conv\.weight$"),
+        lambda shape: shape[:2] if len(shape) == 4 and shape[2:] == (1, 1) else None,
+        "ConvNeXt's nn.Linear [out, in] -> 1x1 conv [out, in, 1, 1]",
+    ),
+    (
+        re.compile(r"\.layer_scale\.gamma$"),
+        lambda shape: (*shape, 1, 1) if len(shape) == 1 else None,
+        "torchvision's [C, 1, 1] layer scale -> [C]",
+    ),
+]
+# Wrappers a training script puts around the state dict, tried in this order: the plain weights before an EMA copy
+# (this project's last.pt and the official code save "model", timm's train.py "state_dict"; "model_ema" alone is
+# an EMA-only export).
+WRAPPER_KEYS = ("model", "state_dict", "model_ema")
+# Prefixes that wrappers add to every key: DistributedDataParallel ("module.") and torch.compile ("_orig_mod.").
+KEY_PREFIXES = ("module.", "_orig_mod.")
+
+
 def unwrap(obj) -> dict:
-    """The state dict inside a checkpoint: plain, or under 'model' / 'state_dict' / 'model_ema'."""
-    for key in ("model", "state_dict", "model_ema"):
+    """The state dict inside a checkpoint: plain, or under 'model' / 'state_dict' / 'model_ema', prefixes removed."""
+    for key in WRAPPER_KEYS:
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             return unwrap(obj[key])
     if not isinstance(obj, dict):
         raise ConfigError(f"checkpoint holds a {type(obj).__name__}, not a state dict")
-    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}
+    out = {}
+    for k, v in obj.items():
+        while isinstance(k, str) and k.startswith(KEY_PREFIXES):
+            k = k.split(".", 1)[1]
+        out[k] = v
+    bad = [k for k, v in out.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ConfigError(
+            f"checkpoint is not a state dict: {len(bad)} entries are not tensors (e.g. {bad[:3]}); "
+            f"the weights must be top-level or under one of {', '.join(WRAPPER_KEYS)}"
+        )
+    return out
 
 
-def convert(state: dict) -> tuple[str, dict]:
-    """Detect the checkpoint's format and rename its keys to ours; returns (format name, new state dict)."""
+def _renamed(state: dict) -> tuple[str, dict]:
+    """Detect the format; returns (format name, {our key: (checkpoint key, tensor)})."""
     for name, marker, rules in FORMATS:
         if marker in state:
             out = {}
             for key, value in state.items():
+                new = key
                 for pattern, repl in rules:
-                    key = re.sub(pattern, repl, key)
-                out[key] = value
+                    new = re.sub(pattern, repl, new)
+                if new in out:  # two checkpoint tensors renamed onto one of ours: one would be dropped silently
+                    raise ConfigError(f"{out[new][0]} and {key} both map to {new} ({name} format)")
+                out[new] = (key, value)
             return name, out
     known = ", ".join(f"{n} (has {m!r})" for n, m, _ in FORMATS)
     raise ConfigError(f"unrecognised checkpoint format (first keys: {list(state)[:3]}); known formats: {known}")
 
 
-def load_pretrained(model: nn.Module, path: str) -> str:
-    """Load a local checkpoint file into `model` (strict); returns the detected format name."""
+def convert(state: dict) -> tuple[str, dict]:
+    """Detect the checkpoint's format and rename its keys to ours; returns (format name, new state dict)."""
+    fmt, renamed = _renamed(state)
+    return fmt, {k: v for k, (_, v) in renamed.items()}
+
+
+def fit_shape(key: str, value: torch.Tensor, shape: tuple, fmt: str, source: str | None = None) -> torch.Tensor:
+    """`value` as our `shape`: unchanged, or through one of CONVERSIONS; else ConfigError naming key and shapes."""
+    shape = tuple(shape)
+    if tuple(value.shape) == shape:
+        return value
+    if fmt != "roadmap":
+        for pattern, source_shape, _ in CONVERSIONS:
+            if pattern.search(key) and source_shape(shape) == tuple(value.shape):
+                return value.reshape(shape)
+    name = key if source in (None, key) else f"{source} (our {key})"
+    if value.numel() == math.prod(shape):
+        why = (
+            "same number of elements, so a transposed, swapped or mis-mapped weight; the only conversions are "
+            + "; ".join(desc for _, _, desc in CONVERSIONS)
+        )
+    else:
+        why = "wrong regime or class count?"
+    raise ConfigError(f"{name} has shape {tuple(value.shape)}, the model needs {shape} ({why})")
+
+
+def read_checkpoint(path: str):
+    """torch.load of a local file with weights_only=True; any failure is a ConfigError."""
     if not os.path.isfile(path):
         raise ConfigError(f"pretrained checkpoint {path!r} does not exist (pretrained must be a local file)")
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a corrupt or non-torch file
-        raise ConfigError(f"cannot read pretrained checkpoint {path!r}: {e}") from None
-    fmt, state = convert(unwrap(raw))
+        # timm's train.py and the official ConvNeXt main.py store their argparse.Namespace beside the weights
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a corrupt, truncated or non-torch file, or one that needs arbitrary code to unpickle
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+        # torch's weights_only message is a page long; its one informative line names the refused object
+        m = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\. Please|\n|$)", text)
+        detail = m[1] if m else (text.strip().splitlines() or ["empty or truncated file"])[0].split(". ")[0]
+        raise ConfigError(
+            f"cannot read pretrained checkpoint {path!r} ({type(e).__name__}: {detail[:200]}); it must be a "
+            "torch.save file of tensors and plain containers (it is read with weights_only=True)"
+        ) from None
+
+
+def load_pretrained(model: nn.Module, path: str) -> str:
+    """Load a local checkpoint file into `model` (strict, exact shapes); returns the detected format name."""
+    raw = read_checkpoint(path)
+    try:
+        fmt, renamed = _renamed(unwrap(raw))
+    except ConfigError as e:
+        raise ConfigError(f"pretrained checkpoint {path!r}: {e}") from None
     own = model.state_dict()
-    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked") or k in own}
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
+    renamed = {k: v for k, v in renamed.items() if not k.endswith("num_batches_tracked") or k in own}
+    missing = sorted(set(own) - set(renamed))
+    unexpected = sorted(set(renamed) - set(own))
     if missing or unexpected:
         raise ConfigError(
             f"checkpoint {path!r} ({fmt}) does not fit this model: {len(missing)} missing keys "
             f"(e.g. {missing[:3]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:3]}); "
             "baseline loads resnet50/resnet200, separate_downsampling loads convnext_tiny/convnext_base"
         )
-    for k, v in state.items():
-        if v.shape != own[k].shape:
-            if v.numel() != own[k].numel():
-                raise ConfigError(
-                    f"checkpoint {path!r} ({fmt}): {k} has shape {tuple(v.shape)}, "
-                    f"the model needs {tuple(own[k].shape)} (wrong regime or class count?)"
-                )
-            state[k] = v.reshape(own[k].shape)  # nn.Linear 1x1 -> conv 1x1, [C,1,1] layer scale -> [C]
+    try:
+        state = {k: fit_shape(k, v, own[k].shape, fmt, source) for k, (source, v) in renamed.items()}
+    except ConfigError as e:
+        raise ConfigError(f"checkpoint {path!r} ({fmt}): {e}") from None
     model.load_state_dict(state, strict=True)
     return fmt
