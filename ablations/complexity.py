@@ -13,7 +13,7 @@ import time
 import torch
 from fvcore.nn import ActivationCountAnalysis, FlopCountAnalysis
 
-from ablations import ROADMAP, VARIANTS, paper
+from ablations import ROADMAP, TABLE10_GFLOPS, TABLE10_MISPRINTS, VARIANTS, paper
 from models import build_model
 
 PAPER_OPS = ("conv", "linear")  # the paper counts multiply-adds of conv and linear layers only
@@ -56,7 +56,8 @@ def roadmap_rows(regime: str = "r50", img_size: int = 224, num_classes: int = 10
             "name": name,
             "step": step,
             **c,
-            "paper_gflops": p.gflops.get(regime),
+            "paper_gflops": p.gflops.get(regime),  # Fig. 2, one decimal
+            "table10_gflops": TABLE10_GFLOPS.get(name) if regime == "r50" else None,  # two decimals, as printed
             "paper_top1": p.top1.get(regime),
             "count_s": time.perf_counter() - t,
         }
@@ -72,18 +73,25 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     rows = []
-    print(f"{'step':24s} {'params':>12s} {'GFLOPs':>7s} {'paper':>6s} {'fvcore':>7s} {'acts(M)':>8s} {'top1*':>6s}")
+    print(
+        f"{'step':24s} {'params':>12s} {'GFLOPs':>7s} {'T10':>6s} {'Fig.2':>6s} {'fvcore':>7s} {'acts(M)':>8s} "
+        f"{'top1*':>6s}"
+    )
     for r in roadmap_rows(args.regime, args.img_size, args.num_classes, not args.no_variants):
         rows.append(r)
         pg = "" if r["paper_gflops"] is None else f"{r['paper_gflops']:.1f}"
+        t10 = "" if r["table10_gflops"] is None else f"{r['table10_gflops']:.2f}"
+        t10 += "m" if r["name"] in TABLE10_MISPRINTS and args.regime == "r50" else ""
         print(
-            f"{r['name']:24s} {r['params']:12,d} {r['gflops']:7.3f} {pg:>6s} {r['gflops_total']:7.3f} "
+            f"{r['name']:24s} {r['params']:12,d} {r['gflops']:7.3f} {t10:>6s} {pg:>6s} {r['gflops_total']:7.3f} "
             f"{r['activations_m']:8.2f} {r['paper_top1'] or '':>6}",
             flush=True,
         )
+    misprints = ", ".join(f"{n} {t:.2f} (architecture {a:.2f})" for n, (t, a) in TABLE10_MISPRINTS.items())
     print(
         f"\n{args.regime} at {args.img_size}px, {args.num_classes} classes; GFLOPs = conv+linear multiply-adds "
-        f"(paper convention), fvcore = fvcore's full total; *paper ImageNet top-1. "
+        f"(paper convention), fvcore = fvcore's full total; the paper's numbers are at 224px and 1000 classes: "
+        f"T10 = Table 10 (two decimals; m = misprint: {misprints}), Fig.2 = one decimal, *ImageNet top-1. "
         f"Counted in {time.perf_counter() - t0:.1f}s."
     )
     if args.golden:
