@@ -58,3 +58,14 @@ def test_submitit_local_runs_a_two_job_sweep(tmp_path):
     df = pd.read_csv(tmp_path / "results.csv")
     assert sorted(df["step"]) == ["baseline", "separate_downsampling"] and (df["status"] == "finished").all()
     assert (tmp_path / ".submitit").is_dir()  # the jobs really went through submitit
+
+
+def test_sweep_carries_on_after_a_job_fails(tmp_path):
+    out = _multirun(
+        "step=baseline", "data.img_size=8,32", "profile=smoke", "data=synthetic", f"hydra.sweep.dir={tmp_path}"
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    df = pd.read_csv(tmp_path / "results.csv")
+    status = dict(zip(df["run_dir"].map(lambda p: "img_size=8" in p), df["status"]))
+    assert status == {True: "failed", False: "finished"}, df[["run_dir", "status"]]
+    assert "data.img_size=8 is too small" in out.stderr
