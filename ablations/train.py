@@ -197,7 +197,7 @@ def _complexity(cfg, mcfg: ModelConfig, model, num_classes: int, path: str, is_m
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
-    cx = complexity(RoadmapNet(paper_scale(mcfg), num_classes=1000), 224)
+    cx = _paper_complexity(paper_scale(mcfg))
     own = complexity(model, cfg.data.img_size)
     cx.update(
         paper_params=cx.pop("params"),
@@ -209,6 +209,33 @@ def _complexity(cfg, mcfg: ModelConfig, model, num_classes: int, path: str, is_m
     )
     if is_main:
         write_json(path, cx)
+    return cx
+
+
+def _paper_complexity(pcfg: ModelConfig) -> dict:
+    """complexity() of the step at ImageNet scale (224 px, 1000 classes), cached on disk: every run of a step needs
+    the same numbers and counting a full-size model takes seconds. The key covers the model config, the source of
+    models/ and of the counter, and the torch version; a cache that cannot be written is skipped."""
+    import hashlib
+    from dataclasses import asdict
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    sources = sorted((here.parent / "models").glob("*.py")) + [here / "complexity.py"]
+    h = hashlib.sha256(json.dumps(asdict(pcfg), sort_keys=True).encode() + torch.__version__.encode())
+    for f in sources:
+        h.update(f.read_bytes())
+    folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "convnext-roadmap"
+    path = folder / f"complexity-{h.hexdigest()[:20]}.json"
+    if path.exists():
+        with open(path) as f:
+            return json.load(f)
+    cx = complexity(RoadmapNet(pcfg, num_classes=1000), 224)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json(str(path), cx)
+    except OSError:
+        pass
     return cx
 
 

@@ -421,3 +421,18 @@ def test_gpu_profile_is_picked_when_cuda_is_present(monkeypatch):
     assert run_ablation._default_profile(["x", "profile=cpu"]) == ["x", "profile=cpu"]  # an explicit choice wins
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert run_ablation._default_profile(["x", "step=gelu"]) == ["x", "step=gelu"]
+
+
+def test_paper_scale_complexity_is_cached_per_model(tmp_path, monkeypatch):
+    import ablations.train as T
+    from models import step_config
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    counted = []
+    real = T.complexity
+    monkeypatch.setattr(T, "complexity", lambda m, s: counted.append(s) or real(m, s))
+    a = T._paper_complexity(step_config("gelu"))
+    assert T._paper_complexity(step_config("gelu")) == a and counted == [224]  # the second call reads the cache
+    b = T._paper_complexity(step_config("gelu", kernel_size=5))  # another model: counted again
+    assert counted == [224, 224] and b["gflops"] < a["gflops"]
+    assert round(a["gflops"], 2) == 4.15 and len(list((tmp_path / "convnext-roadmap").glob("*.json"))) == 2
