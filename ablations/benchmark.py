@@ -1,13 +1,20 @@
 """Training and inference throughput (images/s) of roadmap steps beside timm's reference models.
 
 python -m ablations.benchmark [--steps baseline,separate_downsampling] [--regime r50] [--device auto|cpu|cuda]
-    [--batch-size N] [--img-size 224] [--modes fp32,bf16] [--channels-last] [--compile] [--flops]
+    [--batch-size N] [--img-size 224] [--modes fp32,bf16] [--channels-last] [--compile] [--tf32 off|on] [--flops]
     [--csv PATH] [--markdown docs/benchmark.md]
 
 Every model is built once per dtype mode and measured in the same process, interleaved (repeat r visits every
 model in turn), so slow drift of the machine (clocks, other jobs) hits all models alike; the median over repeats
 is reported. The targets: baseline >= 0.95x timm resnet50 and separate_downsampling >= 0.95x timm convnext_tiny
 on CPU, >= 1.0x on GPU.
+
+Settings that must be the same for every model are set explicitly for the whole measurement: TF32 for both matmuls
+and cuDNN convs (PyTorch's defaults differ: TF32 on for convs, off for matmuls, which would run our 1x1 convs in
+TF32 and timm's nn.Linear MLP in full fp32), and cudnn.benchmark on CUDA. With --compile every model is compiled in
+its own Dynamo cache (or under a raised recompile limit), so the many models of one process never hit Dynamo's
+recompile limit, which silently falls back to eager; the `compiled` column says whether each model really ran
+compiled code in every call.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import argparse
 import contextlib
 import datetime
 import gc
+import inspect
 import math
 import os
 import platform
@@ -47,6 +55,9 @@ CSV_COLUMNS = [
     "dtype",
     "channels_last",
     "compile",
+    "compiled",
+    "graphs",
+    "tf32",
     "batch",
     "img_size",
     "train_img_s",
@@ -114,6 +125,7 @@ class _Runner:
         dtype: str,
         channels_last: bool,
         compile: bool,
+        compile_backend: str = "inductor",
     ):
         self.device, self.batch_size, self.img_size, self.num_classes = device, batch_size, img_size, num_classes
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -122,13 +134,36 @@ class _Runner:
         model = model.to(device=device, memory_format=self.memory_format)
         # The optimizer holds the plain module's parameters; the compiled wrapper shares them.
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        self.model = torch.compile(model) if compile else model
+        self.model = _compile(model, compile_backend) if compile else model
         self.compile = compile
+        self.graphs = [0]  # graphs Dynamo compiled for this model, per visit
+        # Hooks that count forward calls that ran eagerly: inside a compiled graph they are traced with
+        # is_compiling() True and do nothing, so any count means Dynamo fell back to eager (e.g. a recompile limit).
+        self.eager_calls = 0
+        self._hooks = [c.register_forward_hook(self._eager_hook) for c in model.children()] if compile else []
         self.criterion = nn.CrossEntropyLoss()
         cast = DTYPES[dtype]
         self.autocast = (lambda: torch.autocast(device.type, dtype=cast)) if cast else contextlib.nullcontext
         # Compiled graphs and inference_mode tensors have not always mixed well; no_grad is safe for both.
         self.no_grad = torch.no_grad if compile else torch.inference_mode
+
+    def _eager_hook(self, module, inputs, output):
+        if not torch.compiler.is_compiling():
+            self.eager_calls += 1
+
+    @property
+    def compiled(self) -> bool:
+        """Compiled graphs were built on the first visit only, and no forward call ever ran eagerly."""
+        return self.compile and self.graphs[0] > 0 and not any(self.graphs[1:]) and self.eager_calls == 0
+
+    def visit(self, warmup: int, iters: int) -> tuple[float, float]:
+        """(train, infer) images/s of one visit; counts the graphs Dynamo compiles during it."""
+        before = _graph_count()
+        out = self.train(warmup, iters), self.infer(warmup, iters)
+        if self.compile:
+            self.graphs[-1] = _graph_count() - before
+            self.graphs.append(0)
+        return out
 
     def _batch(self):
         x = torch.randn(self.batch_size, self.in_chans, self.img_size, self.img_size, device=self.device)
@@ -171,6 +206,44 @@ class _Runner:
         return self.batch_size * iters / (time.perf_counter() - t)
 
 
+def _graph_count() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def _compile(model: nn.Module, backend: str) -> nn.Module:
+    # torch.compile caches per code object: every RoadmapNet shares one forward, so without isolation the models of
+    # one process share one cache. isolate_recompiles (recent torch) gives each model its own; older torch relies on
+    # the raised recompile limit of benchmark().
+    kw = {"isolate_recompiles": True} if "isolate_recompiles" in inspect.signature(torch.compile).parameters else {}
+    return torch.compile(model, backend=backend, **kw)
+
+
+@contextlib.contextmanager
+def backend_settings(device: torch.device, tf32: bool, compile: bool = False, n_models: int = 1):
+    """TF32 (cuBLAS matmuls and cuDNN convs alike), cudnn.benchmark on CUDA and, with compile, a clean Dynamo state
+    with room for every model's train and eval graphs; everything is restored afterwards."""
+    cuda, cudnn = torch.backends.cuda, torch.backends.cudnn
+    saved = cuda.matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark
+    cuda.matmul.allow_tf32 = cudnn.allow_tf32 = tf32
+    if device.type == "cuda":
+        cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels, for every model
+    with contextlib.ExitStack() as stack:
+        if compile:
+            import torch._dynamo as dynamo
+
+            dynamo.reset()  # nothing left from earlier models of this process counts against the limits
+            stack.callback(dynamo.reset)  # and the compiled graphs of these models go with them
+            name = "recompile_limit" if hasattr(dynamo.config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+            limit = max(getattr(dynamo.config, name), 4 * n_models)
+            stack.enter_context(dynamo.config.patch(**{name: limit}))
+        try:
+            yield
+        finally:
+            cuda.matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark = saved
+
+
 def _in_chans(model: nn.Module) -> int:
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
@@ -191,38 +264,47 @@ def benchmark(
     dtype: str = "fp32",
     channels_last: bool = False,
     compile: bool = False,
+    tf32: bool = False,
     progress: bool | None = None,
+    compile_backend: str = "inductor",
 ) -> pd.DataFrame:
     """Median train and infer images/s of every model (name -> builder), interleaved over `repeats`; one row each.
 
     All models stay built (with their AdamW state) across repeats, so each is built and compiled once; only the
     per-visit tensors are freed between models. With `compile`, the first visit warms up at least twice per loop so
-    that compilation never lands in a timed iteration.
+    that compilation never lands in a timed iteration, and `compiled` says whether it really ran compiled. `tf32`
+    applies to matmuls and convs alike, for every model (see backend_settings).
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     device = torch.device(device)
-    runners = {}
-    for name, make in models.items():
-        torch.manual_seed(0)  # identical random init across runs: the kernels then see the same numbers
-        runners[name] = _Runner(make(), device, batch_size, img_size, num_classes, dtype, channels_last, compile)
-    train: dict[str, list[float]] = {n: [] for n in runners}
-    infer: dict[str, list[float]] = {n: [] for n in runners}
-    bar = _progress(repeats * len(runners), progress)
-    try:
-        for r in range(repeats):
-            for name, runner in runners.items():
-                w = max(warmup, 2) if compile and r == 0 else warmup
-                bar.set_postfix_str(f"repeat {r + 1}/{repeats} {name}", refresh=False)
-                train[name].append(runner.train(w, iters))
-                infer[name].append(runner.infer(w, iters))
-                _free(device)  # the batch and activations of this model must not crowd the next one
-                bar.update()
-    finally:
-        bar.close()
-        params = {n: r.params for n, r in runners.items()}
-        del runners
-        _free(device)
+    with backend_settings(device, tf32, compile, len(models)):
+        runners = {}
+        for name, make in models.items():
+            torch.manual_seed(0)  # identical random init across runs: the kernels then see the same numbers
+            runners[name] = _Runner(
+                make(), device, batch_size, img_size, num_classes, dtype, channels_last, compile, compile_backend
+            )
+        train: dict[str, list[float]] = {n: [] for n in runners}
+        infer: dict[str, list[float]] = {n: [] for n in runners}
+        bar = _progress(repeats * len(runners), progress)
+        try:
+            for r in range(repeats):
+                for name, runner in runners.items():
+                    w = max(warmup, 2) if compile and r == 0 else warmup
+                    bar.set_postfix_str(f"repeat {r + 1}/{repeats} {name}", refresh=False)
+                    t, i = runner.visit(w, iters)
+                    train[name].append(t)
+                    infer[name].append(i)
+                    _free(device)  # the batch and activations of this model must not crowd the next one
+                    bar.update()
+        finally:
+            bar.close()
+            params = {n: r.params for n, r in runners.items()}
+            compiled = {n: r.compiled for n, r in runners.items()}
+            graphs = {n: sum(r.graphs) for n, r in runners.items()}
+            del runners
+            _free(device)
     mode = mode_name(dtype, channels_last, compile)
     rows = [
         {
@@ -231,6 +313,9 @@ def benchmark(
             "dtype": dtype,
             "channels_last": channels_last,
             "compile": compile,
+            "compiled": compiled[n],
+            "graphs": graphs[n],
+            "tf32": tf32,
             "batch": batch_size,
             "img_size": img_size,
             "train_img_s": statistics.median(train[n]),
@@ -313,8 +398,9 @@ def time_flops(regime: str = "r50", img_size: int = 224, rows: Callable | None =
 
 
 def format_table(df: pd.DataFrame, markdown: bool = False, target: float | None = None) -> str:
-    """The table of one mode: step | kind | train img/s | infer img/s | train and infer ratio vs timm."""
+    """The table of one mode: step | kind | train img/s | infer img/s | train and infer ratio vs timm [| compiled]."""
     head = ["model", "kind", "train img/s", "infer img/s", "train vs timm", "infer vs timm"]
+    with_compiled = "compile" in df.columns and bool(df["compile"].any())
 
     def ratio(row, col):
         if row["kind"] == "timm":
@@ -333,11 +419,15 @@ def format_table(df: pd.DataFrame, markdown: bool = False, target: float | None 
             f"{r['infer_img_s']:.1f}",
             ratio(r, "train"),
             ratio(r, "infer"),
+            *([("yes" if r["compiled"] else "NO (eager)")] if with_compiled else []),
         ]
         for _, r in df.iterrows()
     ]
+    if with_compiled:
+        head.append("compiled")
     if markdown:
-        lines = ["| " + " | ".join(head) + " |", "|" + "|".join([":--", ":--"] + ["--:"] * 4) + "|"]
+        align = [":--", ":--"] + ["--:"] * 4 + [":--"] * with_compiled
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join(align) + "|"]
         return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body])
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     fmt = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
@@ -388,6 +478,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="torch.compile every model (the warm-up covers compilation)",
     )
     ap.add_argument(
+        "--tf32",
+        choices=["off", "on"],
+        default="off",
+        help="TF32 for cuBLAS matmuls and cuDNN convs alike, for every model (default off: fp32 means fp32; PyTorch's "
+        "own defaults differ between convs and matmuls, which favours 1x1 convs over nn.Linear; 'on' is the paper's "
+        "A100 setting, Table 12)",
+    )
+    ap.add_argument(
         "--timm",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -435,8 +533,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     warmup = d["warmup"] if args.warmup is None else args.warmup
     iters = args.iters or d["iters"]
     dtypes = args.modes or [args.dtype]
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels, for every model
+    tf32 = args.tf32 == "on"
 
     command = "python -m ablations.benchmark " + shlex.join(sys.argv[1:] if argv is None else list(argv))
     import timm
@@ -448,6 +545,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"threads {torch.get_num_threads()}",
         f"regime {args.regime}; batch {batch}; img {args.img_size}; classes {args.num_classes}; "
         f"modes {','.join(dtypes)}; channels_last {args.channels_last}; compile {args.compile}; "
+        f"tf32 {args.tf32} (matmuls and convs); cudnn.benchmark {device.type == 'cuda'}; "
         f"repeats {args.repeats} x (warmup {warmup} + iters {iters}), median",
         f"command: {command}",
     ]
@@ -470,14 +568,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             dtype=dtype,
             channels_last=args.channels_last,
             compile=args.compile,
+            tf32=tf32,
             progress=False if args.no_progress else None,
         )
         df = add_ratios(df, args.regime)
         frames.append(df)
         mode = df["mode"].iloc[0]
-        print(f"\n[{mode}] (ratio = ours / timm; target >= {target}x on {device.type})")
+        note = f"tf32 {args.tf32}; ratio = ours / timm; target >= {target}x on {device.type}"
+        if args.compile and not df["compiled"].all():
+            note += f"; NOT compiled (ran eager): {', '.join(df.loc[~df['compiled'], 'model'])}"
+        print(f"\n[{mode}] ({note})")
         print(format_table(df, target=target), flush=True)
-        sections.append((mode, format_table(df, markdown=True, target=target)))
+        sections.append((mode, note, format_table(df, markdown=True, target=target)))
     result = pd.concat(frames, ignore_index=True)
 
     footer = []
@@ -494,8 +596,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         md = Path(args.markdown)
         md.parent.mkdir(parents=True, exist_ok=True)
         text = ["# Throughput benchmark", "", *[f"- {h}" for h in header], ""]
-        for mode, table in sections:
-            text += [f"## {mode}", "", f"Ratio = ours / timm; target >= {target}x on {device.type}.", "", table, ""]
+        for mode, note, table in sections:
+            text += [f"## {mode}", "", f"{note}.", "", table, ""]
         text += [f"- {f}" for f in footer]
         md.write_text("\n".join(text).rstrip() + "\n")
         print(f"wrote {md}")

@@ -1,9 +1,10 @@
-"""ablations.benchmark at toy sizes: the benchmark function, the ratios, the CLI's files and its errors."""
+"""ablations.benchmark at toy sizes: medians, ratios and tables by value, TF32 and compile settings, the CLI's files."""
 
 from __future__ import annotations
 
 import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +12,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from torch import nn
 
+from ablations import ROADMAP, STEP_NAMES, VARIANTS
 from ablations import benchmark as bm
+from models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 # These tests check plumbing, not speed: one thread avoids OpenMP oversubscription on shared CI cores.
@@ -30,42 +34,181 @@ def one_thread():
 
 def _check_rows(df: pd.DataFrame, names: list[str]) -> None:
     assert list(df["model"]) == names
-    for col in ("train_img_s", "infer_img_s"):
-        assert all(math.isfinite(v) and v > 0 for v in df[col]), df[col]
+    for col in ("train", "infer"):
+        assert all(math.isfinite(v) and v > 0 for v in df[f"{col}_img_s"]), df[f"{col}_img_s"]
+        # the reported number is the median of the per-repeat numbers beside it (those are rounded to 0.01)
+        for v, each in zip(df[f"{col}_img_s"], df[f"{col}_img_s_all"]):
+            assert v == pytest.approx(statistics.median(float(x) for x in each.split(";")), abs=0.006)
+
+
+def _row_line(table: str, model: str) -> str:
+    """The line of `model` in a text or Markdown table."""
+    cells = lambda ln: [c.strip() for c in ln.strip().strip("|").split("|")] if "|" in ln else ln.split()
+    return next(ln for ln in table.splitlines() if ln.strip() and cells(ln)[0] == model)
+
+
+def _check_ratios(r: pd.DataFrame, table: str, target: float) -> None:
+    """Every ratio is ours / the paired timm model's img/s of the same mode, and the table prints exactly it."""
+    for _, row in r.iterrows():
+        for col in ("train", "infer"):
+            if row["kind"] == "timm":
+                assert math.isnan(row[f"{col}_ratio"]) and row["ref"] == ""
+                continue
+            ref = r[(r["model"] == row["ref"]) & (r["mode"] == row["mode"])]
+            assert len(ref) == 1, row["model"]
+            expected = row[f"{col}_img_s"] / ref[f"{col}_img_s"].iloc[0]
+            assert row[f"{col}_ratio"] == pytest.approx(expected, rel=1e-12)
+            mark = "ok" if expected >= target else "LOW"
+            line = _row_line(table, row["model"])
+            assert f"{expected:.3f}x {mark}" in line, (line, expected)
+            assert f"{row[f'{col}_img_s']:.1f}" in line
 
 
 def test_benchmark_cpu_steps_and_timm_refs():
     models = bm.model_factories(["baseline", "separate_downsampling"], "r50", num_classes=10)
     # each timm reference is measured right after the step with its architecture
     assert list(models) == ["baseline", "resnet50", "separate_downsampling", "convnext_tiny"]
-    df = bm.benchmark(models, device="cpu", progress=False, **TINY)
+    df = bm.benchmark(models, device="cpu", progress=False, **{**TINY, "repeats": 3})  # 3: a median is not a mean
     _check_rows(df, list(models))
-    assert all(len(s.split(";")) == TINY["repeats"] for s in df["train_img_s_all"])
-    assert set(df["mode"]) == {"fp32"}
-    # the pairs have the same architecture, so the same parameter count
+    assert all(len(s.split(";")) == 3 for s in df["train_img_s_all"])
+    assert set(df["mode"]) == {"fp32"} and not df["compile"].any() and not df["compiled"].any()
+    # the pairs have the same architecture, so the same parameter count: the built models' own counts
     p = dict(zip(df["model"], df["params"]))
-    assert p["baseline"] == p["resnet50"] and p["separate_downsampling"] == p["convnext_tiny"]
-
-    r = bm.add_ratios(df).set_index("model")
-    assert r.loc["baseline", "train_ratio"] == pytest.approx(
-        r.loc["baseline", "train_img_s"] / r.loc["resnet50", "train_img_s"]
+    assert p["baseline"] == p["resnet50"] == sum(x.numel() for x in models["baseline"]().parameters())
+    assert (
+        p["separate_downsampling"]
+        == p["convnext_tiny"]
+        == sum(x.numel() for x in models["convnext_tiny"]().parameters())
     )
-    assert r.loc["separate_downsampling", "ref"] == "convnext_tiny" and r.loc["convnext_tiny", "kind"] == "timm"
-    assert math.isnan(r.loc["resnet50", "infer_ratio"])
-    table = bm.format_table(bm.add_ratios(df), target=0.95)
-    assert "(ref)" in table and "baseline" in table
+
+    r = bm.add_ratios(df)
+    assert dict(zip(r["model"], r["ref"])) == {
+        "baseline": "resnet50",
+        "resnet50": "",
+        "separate_downsampling": "convnext_tiny",
+        "convnext_tiny": "",
+    }
+    assert list(r["kind"]) == ["roadmap", "timm", "roadmap", "timm"]
+    for markdown in (False, True):
+        table = bm.format_table(r, markdown=markdown, target=0.95)
+        assert table.count("(ref)") == 4  # train and infer of each timm row
+        _check_ratios(r, table, 0.95)
 
 
-def test_time_flops_counts_whole_table():
-    seen = {}
+def test_ratios_pair_within_each_mode():
+    """Hand-made measurements: ratios divide by the timm row of the same mode, never another mode's."""
+    rows = [
+        ("baseline", "fp32", 100.0, 300.0),
+        ("resnet50", "fp32", 200.0, 250.0),
+        ("baseline", "bf16", 90.0, 80.0),
+        ("resnet50", "bf16", 60.0, 100.0),
+        ("stage_ratio", "fp32", 50.0, 50.0),
+    ]
+    df = pd.DataFrame(rows, columns=["model", "mode", "train_img_s", "infer_img_s"])
+    r = bm.add_ratios(df).set_index(["model", "mode"])
+    assert r.loc[("baseline", "fp32"), "train_ratio"] == 0.5 and r.loc[("baseline", "fp32"), "infer_ratio"] == 1.2
+    assert r.loc[("baseline", "bf16"), "train_ratio"] == 1.5 and r.loc[("baseline", "bf16"), "infer_ratio"] == 0.8
+    assert math.isnan(r.loc[("stage_ratio", "fp32"), "train_ratio"])  # no timm model has its architecture
+    table = bm.format_table(bm.add_ratios(df[df["mode"] == "bf16"]), target=1.0)
+    assert "1.500x ok" in table and "0.800x LOW" in table
 
-    def fake_rows(regime, img_size):
-        seen.update(regime=regime, img_size=img_size)
-        yield from ({"name": s} for s in ("a", "b", "c"))
 
-    # real fvcore counting at 224px takes far too long for a unit test
-    secs, n = bm.time_flops("r200", rows=fake_rows)
-    assert n == 3 and secs >= 0 and seen == {"regime": "r200", "img_size": 224}
+def test_time_flops_counts_the_whole_table(monkeypatch):
+    """time_flops runs the real roadmap_rows (default path) over every row; its time covers all of the counting."""
+    import ablations.complexity as cx
+
+    seen = []
+
+    def small_rows(regime, img_size):
+        for row in real(regime, img_size, 10, width_mult=0.125):  # every step and kernel variant, 1/8 width
+            seen.append(row)
+            yield row
+
+    real = cx.roadmap_rows
+    monkeypatch.setattr(cx, "roadmap_rows", small_rows)
+    secs, n = bm.time_flops("r50", img_size=32)
+    assert n == len(seen) == len(ROADMAP) + sum("train" not in v[1] for v in VARIANTS.values())
+    assert [row["name"] for row in seen[: len(ROADMAP)]] == STEP_NAMES
+    assert all(row["gflops"] > 0 for row in seen) and secs >= sum(row["count_s"] for row in seen)
+
+
+class _FlagProbe(nn.Module):
+    """A tiny model that records the TF32 and cuDNN flags in force whenever it runs."""
+
+    def __init__(self, seen: list):
+        super().__init__()
+        self.conv, self.fc, self.seen = nn.Conv2d(3, 4, 3), nn.Linear(4, 10), seen
+
+    def forward(self, x):
+        b = torch.backends
+        self.seen.append((b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, b.cudnn.benchmark))
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("tf32", [False, True])
+def test_tf32_is_set_for_matmuls_and_convs_alike(tf32):
+    """TF32 for matmuls (nn.Linear) and cuDNN convs (1x1 convs) is one setting for every model, then restored."""
+    b = torch.backends
+    saved = b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32
+    b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32 = (not tf32), tf32  # PyTorch-like mixed defaults going in
+    try:
+        seen = {"ours": [], "timm": []}
+        models = {n: (lambda s=s: _FlagProbe(s)) for n, s in seen.items()}
+        df = bm.benchmark(models, device="cpu", tf32=tf32, progress=False, **TINY)
+        assert list(df["tf32"]) == [tf32, tf32]
+        for name, flags in seen.items():
+            assert flags and {f[:2] for f in flags} == {(tf32, tf32)}, name
+        assert (b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32) == ((not tf32), tf32)  # restored
+    finally:
+        b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cudnn_benchmark_on_cuda():
+    seen: list = []
+    bm.benchmark({"probe": lambda: _FlagProbe(seen)}, device="cuda", progress=False, **TINY)
+    assert seen and all(f[2] for f in seen)
+
+
+class _Uncompilable(nn.Module):
+    """Runs eagerly whatever torch.compile says: the compiled column must report it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 10)
+
+    @torch.compiler.disable
+    def forward(self, x):
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+def _tiny_step(step):
+    return lambda: build_model(step, num_classes=10, width_mult=0.125, depths=[1, 1, 1, 1], stem_stride=2)
+
+
+def test_compile_many_models_in_one_process():
+    """Five roadmap models share RoadmapNet.forward: at Dynamo's default recompile limit (8 entries = 4 models x
+    train/eval) the fifth would silently run eager. Every one must really run compiled, and a model that cannot be
+    compiled must say so. The 'eager' backend keeps this fast; Dynamo's caching and limits are the same for all."""
+    import torch._dynamo
+
+    steps = ["baseline", "patchify_stem", "depthwise_conv", "inverted_bottleneck", "separate_downsampling"]
+    models = {s: _tiny_step(s) for s in steps} | {"uncompilable": _Uncompilable}
+    with torch._dynamo.config.patch(recompile_limit=8):  # (pytest's monkeypatch would delete it on undo)
+        df = bm.benchmark(models, device="cpu", compile=True, compile_backend="eager", progress=False, **TINY)
+    assert df["compile"].all() and set(df["mode"]) == {"fp32+compile"}
+    assert dict(zip(df["model"], df["compiled"])) == {**dict.fromkeys(steps, True), "uncompilable": False}
+    assert (df.loc[df["model"] != "uncompilable", "graphs"] >= 2).all()  # a train and an eval graph each
+    table = bm.format_table(bm.add_ratios(df))
+    assert table.splitlines()[0].split()[-1] == "compiled" and "NO (eager)" in table.splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_compile_inductor_two_models():
+    """The default backend (inductor: C++ code generation on CPU, tens of seconds) on two different roadmap models."""
+    models = {s: _tiny_step(s) for s in ("baseline", "separate_downsampling")}
+    df = bm.benchmark(models, device="cpu", compile=True, progress=False, **TINY)
+    assert df["compiled"].all(), df[["model", "compiled", "graphs"]]
 
 
 def _cli(*args, cwd=ROOT):
@@ -100,32 +243,31 @@ def test_cli_writes_csv_and_markdown(tmp_path):
         str(csv),
         "--markdown",
         str(md),
+        "--tf32",
+        "on",
     )
     assert p.returncode == 0, p.stderr
-    df = pd.read_csv(csv)
-    expected = {
-        "model",
-        "kind",
-        "step",
-        "mode",
-        "dtype",
-        "channels_last",
-        "compile",
-        "batch",
-        "img_size",
-        "train_img_s",
-        "infer_img_s",
-        "train_img_s_all",
-        "device",
-        "torch",
-    }
+    df = pd.read_csv(csv, dtype={"train_img_s_all": str, "infer_img_s_all": str})
+    expected = {"model", "kind", "step", "mode", "dtype", "channels_last", "compile", "compiled", "graphs", "tf32"}
+    expected |= {"batch", "img_size", "train_img_s", "infer_img_s", "train_img_s_all", "device", "torch"}
     assert expected <= set(df.columns)
     assert list(df["model"]) == ["baseline", "resnet50", "convnext_tiny"]
-    assert list(df["kind"]) == ["roadmap", "timm", "timm"] and (df["batch"] == 2).all()
-    assert (df["train_img_s"] > 0).all() and (df["infer_img_s"] > 0).all()
+    assert list(df["kind"]) == ["roadmap", "timm", "timm"] and (df["batch"] == 2).all() and (df["img_size"] == 32).all()
+    assert df["tf32"].all() and not df["compile"].any() and not df["compiled"].any()
+    _check_rows(df, ["baseline", "resnet50", "convnext_tiny"])
     text = md.read_text()
     assert "| model | kind | train img/s | infer img/s |" in text and "--steps baseline" in text
     assert "threads" in p.stdout and "train vs timm" in p.stdout
+    # the TF32 setting is in the run header and in each table's header, on screen and in the Markdown file
+    assert "tf32 on (matmuls and convs)" in p.stdout and "tf32 on (matmuls and convs)" in text
+    assert "[fp32] (tf32 on; ratio = ours / timm" in p.stdout and "## fp32\n\ntf32 on; ratio = ours / timm" in text
+    # the printed and written ratios are the CSV's measured numbers divided, in both tables
+    base, ref = df.set_index("model").loc["baseline"], df.set_index("model").loc["resnet50"]
+    for col in ("train", "infer"):
+        ratio = base[f"{col}_img_s"] / ref[f"{col}_img_s"]
+        assert base[f"{col}_ratio"] == pytest.approx(ratio, rel=1e-12)
+        for table in (p.stdout, text):
+            assert f"{ratio:.3f}x" in _row_line(table, "baseline")
 
 
 def test_cli_unknown_step_exits_2():
