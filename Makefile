@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STEP    ?= large_kernel
 FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup data run test lint sweep figure benchmark complexity clean
+.PHONY: setup data run test test-fast lint sweep figure benchmark complexity clean
 
 setup: $(VENV)/.installed data
 
@@ -31,6 +31,9 @@ run: setup
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+test-fast: setup  # the inner loop: everything but the multi-process / multi-epoch runs marked slow
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -95,6 +95,7 @@ def test_grad_accum_alone_equals_one_big_batch(single, tmp_path):
     _assert_same_training(single, tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("accum", [1, 2])
 def test_torchrun_two_processes_train_like_one(single, tmp_path, accum):
     """Weights after 3 SGD steps x 2 epochs equal the single-process run's (they would not without the gradient
@@ -111,6 +112,7 @@ def test_torchrun_two_processes_train_like_one(single, tmp_path, accum):
         assert "already finished" in again.stderr + again.stdout and time.time() - t0 < 60
 
 
+@pytest.mark.slow
 def test_submitit_local_two_tasks_form_one_ddp_group(single, tmp_path):
     env = _env()
     env.pop("OMP_NUM_THREADS")  # each task must take its own share of the cores (2 cores / 2 tasks here)
@@ -336,6 +338,7 @@ def test_resume_after_a_finished_epoch_is_exact(straight, tmp_path, compose_cfg,
     _same_run(straight, tmp_path)
 
 
+@pytest.mark.slow
 def test_sigterm_from_outside_saves_and_says_how_to_resume(tmp_path):
     args = ["step=bn_to_ln", "data=synthetic", "profile=smoke", "progress=false", "data.synthetic_size=4096",
             "data.train_subset=null", "max_steps=null", "train.epochs=2", f"hydra.run.dir={tmp_path}"]  # fmt: skip
@@ -407,6 +410,7 @@ def test_stochastic_depth_follows_the_regime_and_can_be_overridden(compose_cfg):
     assert compose_cfg("regime=r200", "profile=imagenet", "train=classic").train.drop_path_rate == 0.0
 
 
+@pytest.mark.slow
 def test_mixup_on_an_image_folder_uses_the_classes_found(tmp_path):
     from test_train import _png_folder
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from models import STEPS
 
@@ -25,6 +26,7 @@ def _multirun(*args, timeout=600):
     )
 
 
+@pytest.mark.slow
 def test_smoke_sweep_over_every_step_writes_the_figure(tmp_path):
     out = _multirun("step=glob(*)", "profile=smoke", "data=synthetic", f"hydra.sweep.dir={tmp_path}")
     assert out.returncode == 0, out.stderr[-3000:]
@@ -45,6 +47,7 @@ def test_roadmap_sweep_config_lists_every_bar_in_order():
     assert params.bar.split(",") == list(FIGURE_ORDER) and params.seed == "0,1,2"
 
 
+@pytest.mark.slow
 def test_submitit_local_runs_a_two_job_sweep(tmp_path):
     out = _multirun(
         "step=baseline,separate_downsampling",

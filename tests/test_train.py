@@ -75,6 +75,7 @@ def test_recipe_runs_on_synthetic(tmp_path, recipe):
     assert f"name: {recipe}" in saved and "${" not in saved  # composed and resolved
 
 
+@pytest.mark.slow
 def test_loss_goes_down_on_real_format_data(tmp_path, fmnist_dir):
     out = run(
         "step=separate_downsampling",
@@ -132,6 +133,7 @@ def test_resume_restores_identical_state(tmp_path, compose_cfg, monkeypatch):
     assert [r["epoch"] for r in metrics(tmp_path / "resumed")] == [1, 2]
 
 
+@pytest.mark.slow
 def test_sigkill_after_first_epoch_then_restart(tmp_path):
     args = [
         "step=bn_to_ln",
@@ -229,38 +231,49 @@ def test_cifar_format(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
 
 
-@pytest.mark.parametrize(
-    "args,expect",
-    [
-        (["data=fashion_mnist", "data.root=/nonexistent/fmnist"], "Fashion-MNIST not found in data.root='/nonexistent"),
-        (["data=cifar10", "data.root=/nonexistent"], "cifar10 not found"),
-        (["data=imagefolder", "data.root=/nonexistent"], "does not exist"),
-        (["data=synthetic", "model.kernel_size=0"], "kernel_size must be a positive integer"),
-        (["data=synthetic", "data.img_size=8"], "data.img_size=8 is too small"),
-        (["data=synthetic", "train.epochs=0"], "train.epochs must be a whole number"),
-        (["data=synthetic", "device=tpu"], "unknown device 'tpu'; valid choices: auto, cpu, cuda"),
-    ],
-)
+USER_MISTAKES = [
+    (["data=fashion_mnist", "data.root=/nonexistent/fmnist"], "Fashion-MNIST not found in data.root='/nonexistent"),
+    (["data=cifar10", "data.root=/nonexistent"], "cifar10 not found"),
+    (["data=imagefolder", "data.root=/nonexistent"], "does not exist"),
+    (["data=synthetic", "model.kernel_size=0"], "kernel_size must be a positive integer"),
+    (["data=synthetic", "data.img_size=8"], "data.img_size=8 is too small"),
+    (["data=synthetic", "train.epochs=0"], "train.epochs must be a whole number"),
+    (["data=synthetic", "device=tpu"], "unknown device 'tpu'; valid choices: auto, cpu, cuda"),
+    (["data=imagefolder", "profile=imagenet"], "data=imagefolder needs data.root="),
+    (["data=fashion_mnist", "profile=imagenet"], "profile=imagenet trains ImageNet-format data"),
+]
+
+
+@pytest.mark.parametrize("args,expect", USER_MISTAKES)
+def test_user_mistakes_are_config_errors(tmp_path, compose_cfg, args, expect):
+    """Each mistake is a ConfigError with its message (the CLI prints those as one paragraph: next test)."""
+    from ablations.train import train
+    from models import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(expect)):
+        train(compose_cfg("step=baseline", *SMOKE, *args), str(tmp_path))
+
+
+@pytest.mark.parametrize("args,expect", [USER_MISTAKES[0], USER_MISTAKES[4]])
 def test_user_mistakes_are_one_paragraph(tmp_path, args, expect):
     out = run("step=baseline", *SMOKE, *args, f"hydra.run.dir={tmp_path}")
     assert out.returncode == 2 and expect in out.stderr, out.stderr[-2000:]
-    assert "Traceback" not in out.stderr
+    assert "Traceback" not in out.stderr and out.stderr.strip().count("\n") == 0
 
 
-def test_empty_data_folders(tmp_path):
+def test_empty_data_folders(tmp_path, compose_cfg):
+    from ablations.train import train
+    from models import ConfigError
+
     (tmp_path / "empty").mkdir()
-    out = run("step=baseline", *SMOKE, f"data.root={tmp_path / 'empty'}", f"hydra.run.dir={tmp_path / 'r1'}")
-    assert out.returncode == 2 and "Fashion-MNIST not found" in out.stderr and "Traceback" not in out.stderr
+    with pytest.raises(ConfigError, match="Fashion-MNIST not found"):
+        train(compose_cfg("step=baseline", *SMOKE, f"data.root={tmp_path / 'empty'}"), str(tmp_path / "r1"))
     (tmp_path / "nocls/train").mkdir(parents=True)
     (tmp_path / "nocls/val").mkdir(parents=True)
-    out = run(
-        "step=baseline",
-        "data=imagefolder",
-        f"data.root={tmp_path / 'nocls'}",
-        *SMOKE,
-        f"hydra.run.dir={tmp_path / 'r2'}",
-    )
-    assert out.returncode == 2 and "no usable class folders" in out.stderr and "Traceback" not in out.stderr
+    with pytest.raises(ConfigError, match="no usable class folders"):
+        train(
+            compose_cfg("step=baseline", "data=imagefolder", f"data.root={tmp_path / 'nocls'}", *SMOKE), str(tmp_path)
+        )
 
 
 def test_folder_with_other_config_is_not_clobbered(tmp_path):
