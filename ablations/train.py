@@ -406,11 +406,12 @@ def train(cfg, run_dir: str, gpu_index: int | None = None) -> dict:
                         )
                     bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
                 if state.step < steps_per_epoch and (step + 1) % check_every == 0:
+                    stop = guard.signum is not None
                     timed = ckpt_every_s is not None and time.time() - last_save >= ckpt_every_s
-                    flags = torch.tensor([guard.signum is not None, timed], device=device)
-                    if world > 1:
+                    if world > 1:  # every rank takes the same decision (one host sync every check_every steps)
+                        flags = torch.tensor([stop, timed], device=device)
                         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                    stop, timed = bool(flags[0]), bool(flags[1])
+                        stop, timed = flags.tolist()
                     if stop or timed:
                         state.partial = {"loss_sum": _all_sum(loss_sum).item(), "seen": seen,
                                          "epoch_s": time.time() - t_epoch}  # fmt: skip

@@ -150,8 +150,9 @@ def _eval_worker(rank: int, world: int, port: int, cfg_dict: dict, out: str) -> 
     torch.manual_seed(0)
     model = RoadmapNet(model_config(cfg), num_classes=10)
     top1, top5 = evaluate(model, data, lambda: torch.autocast("cpu", enabled=False))
+    local = sum(len(y) for _, y in data.test_batches())  # this rank's shard
     if rank == 0:
-        Path(out).write_text(json.dumps([top1, top5, data.test_size]))
+        Path(out).write_text(json.dumps([top1, top5, data.test_size, local]))
     if world > 1:
         dist.destroy_process_group()
 
@@ -164,8 +165,8 @@ def test_sharded_evaluation_equals_one_process(compose_cfg, tmp_path):
     _eval_worker(0, 1, 0, d, str(tmp_path / "one.json"))
     torch.multiprocessing.spawn(_eval_worker, args=(2, 29541, d, str(tmp_path / "two.json")), nprocs=2)
     one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
-    assert one[2] == two[2] == 101
-    assert one == two  # top-1 and top-5 from summed integer counts: exactly the single-process numbers
+    assert one[2:] == [101, 101] and two[2:] == [101, 51]  # rank 0 evaluated its shard only (51 of 101)
+    assert one[:2] == two[:2]  # top-1 and top-5 from summed integer counts: exactly the single-process numbers
     assert 0 < one[1] <= 100 and one[0] != one[1]
 
 
