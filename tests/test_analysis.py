@@ -332,3 +332,17 @@ def test_results_csv_is_an_input_and_merges(tmp_path, full_sweep):
     assert (redrawn / "fidelity.json").read_text() == (out / "fidelity.json").read_text()
     merged = collect([out / "results.csv", full_sweep])  # the same runs by CSV and by folder: counted once
     assert len(merged) == len(runs)
+
+
+def test_flops_figure_plots_each_steps_gflops_and_top1(full_sweep, tmp_path):
+    """The trajectory line of our panel joins (GFLOPs, mean top-1) of the 13 steps in roadmap order, and the
+    paper's panel joins Fig. 2's numbers."""
+    from analysis.figure import flops_figure
+
+    s = summarize(collect([full_sweep]))
+    fig = flops_figure(s, tmp_path / "flops", regime="r50")
+    ours, paper = ([ln for ln in ax.lines if len(ln.get_xydata()) > 2][0].get_xydata() for ax in fig.axes[:2])
+    steps = s.set_index("bar").loc[[r.name for r in ROADMAP]]
+    assert ours.flatten().tolist() == pytest.approx(steps[["gflops", "top1_mean"]].to_numpy().flatten().tolist())
+    assert paper.flatten().tolist() == pytest.approx([v for r in ROADMAP for v in (r.gflops["r50"], r.top1["r50"])])
+    assert (tmp_path / "flops.png").exists() and (tmp_path / "flops.svg").exists()
