@@ -28,12 +28,13 @@ data:
 run: setup
 	$(BIN)/python run_ablation.py step=$(STEP)
 
+# two workers on a 2-core machine (tests pin torch to one thread each); a file's tests stay on one worker
 test: setup
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 test-fast: setup  # the inner loop: everything but the multi-process / multi-epoch runs marked slow
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n auto --dist loadfile -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import struct
 from pathlib import Path
 
@@ -16,7 +17,8 @@ from ablations.config import register
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
 register()
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# one thread per pytest-xdist worker (make test runs one worker per core), two when running alone
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 
 @pytest.fixture
