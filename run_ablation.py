@@ -103,9 +103,7 @@ def main(cfg: DictConfig) -> float | None:
         return summary["top1"]
     except D.Preempted as e:  # a checkpoint of the exact position is saved; no 'failed' summary
         print(f"preempted: {e}", file=sys.stderr)
-        if not multirun:
-            sys.exit(143)  # 128 + SIGTERM, as a process killed by it would
-        return None
+        sys.exit(143)  # 128 + SIGTERM; also in a one-process sweep: the signal means stop, not "next job"
     except (ConfigError, TrainingDiverged) as e:
         msg = f"error: {e}"
     except Exception as e:  # keep a sweep going; single runs re-raise below
