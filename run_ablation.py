@@ -17,7 +17,7 @@ from models import ConfigError
 
 register()
 log = logging.getLogger("roadmap")
-IGNORED = ("progress", "device")  # keys that may differ when a run folder is reused
+IGNORED = ("progress", "device", "logger", "log_every")  # keys that may differ when a run folder is reused
 
 
 def _plain(cfg) -> dict:

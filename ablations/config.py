@@ -84,6 +84,8 @@ class RunConfig:
     pretrained: Optional[str] = None  # local checkpoint to start from
     progress: bool = True  # tqdm bar per epoch
     max_steps: Optional[int] = None  # stop each epoch after N optimizer steps (smoke tests)
+    logger: str = "tensorboard"  # tensorboard | wandb | none: where train loss, lr, top-1 and img/s are logged
+    log_every: int = 50  # log (and check) the training loss every N optimizer steps
     regime: Regime = field(default_factory=Regime)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -1,6 +1,7 @@
 """Train and evaluate one roadmap step: `train(cfg, run_dir)` with cfg the composed RunConfig (an OmegaConf node).
 
 Run folder: config.yaml (resolved), complexity.json, metrics.jsonl (one line per finished epoch), summary.json,
+TensorBoard event files (logger=tensorboard: loss and lr every log_every steps, top-1/top-5 and img/s per epoch),
 last.pt (written atomically after every epoch, on SIGTERM / SIGUSR1 in the middle of one, and every
 train.ckpt_every_min minutes if set). Restarting in the same folder resumes from last.pt at the exact step; a
 finished run is reported, not redone.
@@ -32,6 +33,7 @@ from tqdm import tqdm
 from ablations import dist as D
 from ablations.complexity import complexity
 from ablations.data import AUGMENT, Data, derive_seed, seed_all
+from ablations.tracking import Tracker, config_markdown
 from models import ConfigError, ModelConfig, RoadmapNet
 from models.layers import choice
 from models.pretrained import load_pretrained
@@ -86,6 +88,8 @@ def check_numbers(cfg) -> None:
     if t.lr <= 0:
         raise ConfigError(f"train.lr must be > 0, got {t.lr}")
     choice("train.sched", t.sched, ("cosine", "step"))
+    if cfg.log_every < 1:
+        raise ConfigError(f"log_every must be >= 1 (optimizer steps), got {cfg.log_every}")
     if cfg.profile == "imagenet" and cfg.data.name != "imagefolder":
         raise ConfigError(
             f"profile=imagenet trains ImageNet-format data, but data={cfg.data.name}: use data=imagefolder "
@@ -332,7 +336,8 @@ def train(cfg, run_dir: str, gpu_index: int | None = None) -> dict:
     )
 
     state = RunState(model, optimizer, scheduler, ema)
-    if state.load(paths["ckpt"]):
+    resumed = state.load(paths["ckpt"])
+    if resumed:
         log.info("resuming %s from epoch %d, step %d", run_dir, state.epoch + 1, state.step)
     if info.is_main:  # rewrite metrics from the checkpoint: each finished epoch appears exactly once
         with open(paths["metrics"], "w") as f:
@@ -356,18 +361,25 @@ def train(cfg, run_dir: str, gpu_index: int | None = None) -> dict:
         epochs,
     )
 
+    # TensorBoard / W&B (rank 0): on resume, events an earlier sitting logged after the checkpoint are dropped
+    done_steps = state.epoch * steps_per_epoch + state.step  # the global optimizer step of the checkpoint
+    tracker = Tracker(run_dir, cfg, purge_step=done_steps + 1 if resumed else None, enabled=info.is_main)
+    if not resumed:
+        _log_run_info(tracker, cfg, cx, t)
+
     # ------------------------------------------------------------------------------------------- epoch loop
     model.train()
     ckpt_every_s = t.ckpt_every_min * 60 if t.ckpt_every_min else None
     last_save = time.time()
     check_every = 1 if world == 1 else 10  # under DDP, stop / timed-save decisions cost a collective
-    with D.PreemptionGuard() as guard:
+    with D.PreemptionGuard() as guard, tracker:
         for epoch in range(state.epoch + 1, epochs + 1):
             start = state.step  # > 0 when resuming in the middle of this epoch
             data.set_epoch(epoch, start * t.grad_accum)
             loss_sum = torch.tensor(state.partial["loss_sum"] if (start and info.is_main) else 0.0, device=device)
             seen = state.partial["seen"] if start else 0
             t_epoch = time.time() - (state.partial["epoch_s"] if start else 0.0)
+            logged = (state.partial["loss_sum"] if start else 0.0, start)  # (loss sum, steps) at the last point
             bar = tqdm(total=steps_per_epoch, initial=start, desc=f"epoch {epoch}/{epochs}", leave=False,
                        dynamic_ncols=True, disable=not (cfg.progress and info.is_main))  # fmt: skip
             batches = data.train_batches()
@@ -394,9 +406,9 @@ def train(cfg, run_dir: str, gpu_index: int | None = None) -> dict:
                     ema.update(model, step=(epoch - 1) * steps_per_epoch + step + 1)
                 state.step = step + 1
                 bar.update(1)
-                if step % 50 == 0 or step == steps_per_epoch - 1:
-                    total = _all_sum(loss_sum)  # every rank sees the same loss, so all stop together
-                    mean_loss = total.item() / ((step + 1) * t.grad_accum * world)
+                if step % cfg.log_every == 0 or step == steps_per_epoch - 1:
+                    total = _all_sum(loss_sum).item()  # every rank sees the same loss, so all stop together
+                    mean_loss = total / ((step + 1) * t.grad_accum * world)
                     if not math.isfinite(mean_loss):
                         bar.close()
                         raise TrainingDiverged(
@@ -404,7 +416,13 @@ def train(cfg, run_dir: str, gpu_index: int | None = None) -> dict:
                             f"checkpoint is kept in {paths['ckpt']}. Try a lower train.lr, a longer "
                             "train.warmup_epochs or train.clip_grad=1.0."
                         )
-                    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+                    lr_now = optimizer.param_groups[0]["lr"]
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr_now:.2e}")
+                    # the mean loss of the steps since the last point (the host value read above: no extra sync)
+                    interval = (total - logged[0]) / ((step + 1 - logged[1]) * t.grad_accum * world)
+                    global_step = (epoch - 1) * steps_per_epoch + step + 1
+                    tracker.scalars({"train/loss": interval, "train/lr": lr_now}, global_step)
+                    logged = (total, step + 1)
                 if state.step < steps_per_epoch and (step + 1) % check_every == 0:
                     stop = guard.signum is not None
                     timed = ckpt_every_s is not None and time.time() - last_save >= ckpt_every_s
@@ -441,6 +459,11 @@ def train(cfg, run_dir: str, gpu_index: int | None = None) -> dict:
                 "img_per_s": round(seen * world / epoch_s, 1),
             }
             state.history.append(rec)
+            tracker.scalars(
+                {"test/top1": top1, "test/top5": top5, "train/epoch_loss": train_loss,
+                 "train/img_per_s": rec["img_per_s"], "train/epoch_s": epoch_s},
+                epoch * steps_per_epoch,
+            )  # fmt: skip
             state.epoch, state.step = epoch, 0
             state.partial = {"loss_sum": 0.0, "seen": 0, "epoch_s": 0.0}
             checkpoint()
@@ -480,6 +503,23 @@ def train(cfg, run_dir: str, gpu_index: int | None = None) -> dict:
     if info.is_main:
         write_json(paths["summary"], summary)
     return summary
+
+
+def _log_run_info(tracker: Tracker, cfg, cx: dict, t) -> None:
+    """The resolved config, the step's complexity and the hparams, once at the start of a run."""
+    tracker.text("config", config_markdown(cfg))
+    tracker.text(
+        "complexity",
+        f"{cfg.step} ({cfg.bar}): {cx['params']:,} params as trained, {cx['train_gflops']:.4f} GFLOPs at "
+        f"{cfg.data.img_size} px; the step at 224 px full width: {cx['paper_params']:,} params, "
+        f"{cx['gflops']:.3f} GFLOPs",
+    )
+    hp = {
+        "step": cfg.step, "bar": cfg.bar, "seed": cfg.seed, "regime": cfg.regime.name, "profile": cfg.profile,
+        "data": cfg.data.name, "recipe": t.name, "epochs": float(t.epochs), "batch_size": t.batch_size,
+        "lr": lr_for(t), "params": cx["params"], "gflops": cx["gflops"],
+    }  # fmt: skip
+    tracker.hparams(hp, ("test/top1", "test/top5", "train/epoch_loss"))
 
 
 def _all_sum(x: torch.Tensor) -> torch.Tensor:

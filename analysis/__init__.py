@@ -6,13 +6,14 @@ import math
 from collections.abc import Iterable
 from pathlib import Path
 
+from analysis.curves import curves_figure
 from analysis.fidelity import fidelity, fidelity_caption, fidelity_json, fidelity_markdown
 from analysis.figure import flops_figure, roadmap_figure, set_plot_style
 from analysis.runs import FIGURE_ORDER, collect, find_run_dirs, portable, results_csv, summarize
 
 __all__ = [
-    "FIGURE_ORDER", "analyze", "collect", "fidelity", "find_run_dirs", "flops_figure", "markdown_table",
-    "results_csv", "roadmap_figure", "set_plot_style", "summarize",
+    "FIGURE_ORDER", "analyze", "collect", "curves_figure", "fidelity", "find_run_dirs", "flops_figure",
+    "markdown_table", "results_csv", "roadmap_figure", "set_plot_style", "summarize",
 ]  # fmt: skip
 
 
@@ -61,7 +62,8 @@ def markdown_table(summary) -> str:
 
 
 def analyze(paths: Iterable[str | Path] | str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
-    """Collect every run under paths and write results.csv/.md, summary.csv, fidelity.json and the figures.
+    """Collect every run under paths and write results.csv/.md, summary.csv, fidelity.json and the figures (the
+    roadmap, top-1 vs GFLOPs, and the learning curves from each run's metrics.jsonl).
 
     out_dir defaults to the first path (its folder when it is a results.csv). Run folders are named relative to
     out_dir in every file written, so the results stay valid when the folder is moved or committed. One
@@ -98,7 +100,8 @@ def analyze(paths: Iterable[str | Path] | str | Path, out_dir: str | Path | None
         suffix = "" if regime == "r50" or len(regimes) == 1 else f"_{regime}"
         roadmap_figure(summary, out / f"roadmap{suffix}", regime=regime, caption=captions.get(regime))
         flops_figure(summary, out / f"roadmap_flops{suffix}", regime=regime)
-        for stem in (f"roadmap{suffix}", f"roadmap_flops{suffix}"):
+        curves_figure(df, out / f"curves{suffix}", regime=regime)
+        for stem in (f"roadmap{suffix}", f"roadmap_flops{suffix}", f"curves{suffix}"):
             for ext in ("png", "svg"):
                 put(f"{stem}.{ext}")
     return written

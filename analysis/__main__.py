@@ -1,4 +1,5 @@
-"""`python -m analysis DIR [DIR ...] [--out OUT]`: results tables and roadmap figures from run folders."""
+"""`python -m analysis DIR [DIR ...] [--out OUT]`: results tables, roadmap figures and learning curves from run
+folders; `--status`: a table of every job (epochs done, top-1, img/s, status, ETA), writing nothing."""
 
 from __future__ import annotations
 
@@ -14,12 +15,15 @@ def main(argv: list[str] | None = None) -> int:
         "dirs", nargs="+", type=Path, help="sweep or run folders (searched recursively), or results.csv files to merge"
     )
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: the first DIR)")
+    parser.add_argument(
+        "--status", action="store_true", help="print every job's progress and the sweep's ETA; writes nothing"
+    )
     args = parser.parse_args(argv)
 
     from analysis import analyze, find_run_dirs, results_csv  # after parsing: --help need not pay for pandas
 
     for d in args.dirs:
-        if results_csv(d) is not None:
+        if results_csv(d) is not None and not args.status:
             continue
         if not d.is_dir():
             print(f"error: {d} does not exist or is not a directory (or a results.csv)", file=sys.stderr)
@@ -27,6 +31,11 @@ def main(argv: list[str] | None = None) -> int:
         if not find_run_dirs([d]):
             print(f"error: no run folders (config.yaml) and no results.csv under {d}", file=sys.stderr)
             return 2
+    if args.status:
+        from analysis.status import print_status
+
+        print_status(args.dirs)
+        return 0
     try:
         written = analyze(args.dirs, args.out)
     except ValueError as e:  # e.g. a CSV that is not a results table

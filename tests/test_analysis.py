@@ -175,7 +175,16 @@ def _bars(fig) -> list[str]:
 def test_analyze_full_table(analyzed, full_sweep):
     """The full figure (13 steps + 4 variants, 2 seeds): every output file, one CSV row per run."""
     written, out = analyzed
-    for name in ("results.csv", "results.md", "roadmap.png", "roadmap.svg", "roadmap_flops.png", "roadmap_flops.svg"):
+    for name in (
+        "results.csv",
+        "results.md",
+        "roadmap.png",
+        "roadmap.svg",
+        "roadmap_flops.png",
+        "roadmap_flops.svg",
+        "curves.png",
+        "curves.svg",
+    ):
         assert name in written and (out / name).stat().st_size > 0, name
     assert not any(n.endswith("_r200.png") for n in written)
     runs = pd.read_csv(out / "results.csv")
@@ -309,7 +318,7 @@ def test_cli_writes_fidelity_and_portable_results(tmp_path):
     md = (sweep / "results.md").read_text()
     assert "## Fidelity" in md and "Missing: gelu (0 seeds)" in md
     texts = _written_text(sweep)
-    assert {"results.csv", "summary.csv", "results.md", "fidelity.json", "roadmap.svg"} <= set(texts)
+    assert {"results.csv", "summary.csv", "results.md", "fidelity.json", "roadmap.svg", "curves.svg"} <= set(texts)
     assert not [name for name, text in texts.items() if str(tmp_path) in text]
     moved = tmp_path / "elsewhere" / "sweep"
     shutil.move(str(sweep), str(moved))
@@ -346,3 +355,66 @@ def test_flops_figure_plots_each_steps_gflops_and_top1(full_sweep, tmp_path):
     assert ours.flatten().tolist() == pytest.approx(steps[["gflops", "top1_mean"]].to_numpy().flatten().tolist())
     assert paper.flatten().tolist() == pytest.approx([v for r in ROADMAP for v in (r.gflops["r50"], r.top1["r50"])])
     assert (tmp_path / "flops.png").exists() and (tmp_path / "flops.svg").exists()
+
+
+def test_curves_one_line_per_bar_with_mean_top1_per_epoch(tmp_path):
+    """curves.png/.svg: one top-1 and one loss line per bar; the top-1 line is the mean over seeds at each epoch;
+    a running run adds its epochs, failed runs and unevaluated epochs (top1 None) are left out."""
+    from analysis.curves import curves_figure
+
+    write_run(tmp_path, "baseline", 0, top1=80.0, epochs=3)  # top-1 per epoch: 78, 79, 80
+    write_run(tmp_path, "baseline", 1, top1=81.0, epochs=3)  # 79, 80, 81
+    write_run(tmp_path, "gelu", 0, top1=70.0, epochs=3)
+    write_run(tmp_path, "gelu", 1, status=None, top1=60.0, epochs=3, metrics=2)  # running: 59, 60
+    write_run(tmp_path, "bn_to_ln", 0, status="failed", top1=10.0, epochs=3, metrics=1)
+    skip = tmp_path / "gelu" / "seed0" / "metrics.jsonl"  # epoch 2 not evaluated (eval_every)
+    recs = [json.loads(line) for line in skip.read_text().splitlines()]
+    recs[1]["top1"] = recs[1]["top5"] = None
+    skip.write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+    written = analyze([tmp_path])
+    assert {"curves.png", "curves.svg"} <= set(written)
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    fig = curves_figure(collect([tmp_path]), tmp_path / "again")
+    lines = {ln.get_gid(): ln for ax in fig.axes for ln in ax.get_lines() if ln.get_gid()}
+    assert set(lines) == {"top1:baseline", "top1:gelu", "train_loss:baseline", "train_loss:gelu"}
+    assert lines["top1:baseline"].get_xydata().tolist() == [[1, 78.5], [2, 79.5], [3, 80.5]]
+    # gelu: epoch 1 is the mean of both seeds, epoch 2 only the running seed's, epoch 3 only seed 0's
+    assert lines["top1:gelu"].get_xydata().tolist() == [[1, (68 + 59) / 2], [2, 60.0], [3, 70.0]]
+    assert lines["train_loss:gelu"].get_xydata()[:, 1].tolist() == pytest.approx([1.0, 0.5, 1 / 3])
+    svg = (tmp_path / "curves.svg").read_text()
+    assert 'id="top1:baseline"' in svg and 'id="train_loss:gelu"' in svg and 'id="top1:bn_to_ln"' not in svg
+
+
+def test_status_lists_finished_running_and_failed(tmp_path):
+    """`python -m analysis DIR --status`: every job with epochs done/planned, top-1, status and an ETA; writes
+    nothing. An unknown epoch time makes the ETA 'unknown'."""
+    from analysis.status import format_status, sweep_status
+
+    write_run(tmp_path, "baseline", 0, top1=80.0, epochs=3)
+    write_run(tmp_path, "gelu", 1, status=None, top1=60.0, epochs=10, metrics=4)  # epoch_s 1.0: 6 s left
+    write_run(tmp_path, "large_kernel_k5", 2, status="failed", top1=40.0, epochs=5, metrics=1)
+    write_run(tmp_path, "bn_to_ln", 0, status=None, top1=50.0, epochs=10, metrics=8)  # 2 s left
+    write_run(tmp_path, "stage_ratio", 0, status=None, epochs=3, metrics=0)  # no epoch yet: the sweep's 1 s/epoch
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "analysis", str(tmp_path), "--status"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # writes nothing
+    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines() if line.split()[:1] != []}
+    assert rows["baseline"][1:6] == ["0", "3/3", "80.00", "100", "finished"]
+    assert rows["gelu"][1:7] == ["1", "4/10", "60.00", "100", "running", "6s"]
+    assert rows["large_kernel_k5"][1:6] == ["2", "1/5", "40.00", "100", "failed:"]
+    assert "RuntimeError: boom" in " ".join(rows["large_kernel_k5"])
+    assert rows["bn_to_ln"][1:7] == ["0", "8/10", "50.00", "100", "running", "2s"]
+    assert rows["stage_ratio"][1:7] == ["0", "0/3", "–", "–", "running", "3s"]
+    # 11 s of work left, shared by the 3 jobs running now
+    assert "5 jobs: 1 finished, 3 running, 1 failed · sweep ETA: 4s" in proc.stdout
+    df = sweep_status(tmp_path)  # with no epoch time anywhere, the ETA is unknown
+    df.loc[df["bar"] == "gelu", "eta_s"] = float("nan")
+    assert "sweep ETA: unknown" in format_status(df)
