@@ -166,6 +166,11 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool, rank: int = 0, wor
     return idx[: n - n % world][rank::world] if world > 1 else idx
 
 
+def shard_size(n: int, world: int) -> int:
+    """len(epoch_order(n, ..., world=world)) without drawing the permutation."""
+    return (n - n % world) // world
+
+
 class TensorLoader:
     """Batches of an in-memory split on `device` in epoch_order; `start` skips batches (mid-epoch resume)."""
 
@@ -193,7 +198,7 @@ class TensorLoader:
         return epoch_order(len(self.labels), self.seed, self.epoch, self.shuffle, self.rank, self.world)
 
     def __len__(self):
-        n = len(self._indices())
+        n = shard_size(len(self.labels), self.world)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self):
@@ -218,7 +223,7 @@ class EpochSampler(torch.utils.data.Sampler):
         self.epoch, self.start = epoch, start
 
     def __len__(self):
-        return (self.n - self.n % self.world) // self.world - self.start
+        return shard_size(self.n, self.world) - self.start
 
     def __iter__(self):
         order = epoch_order(self.n, self.seed, self.epoch, True, self.rank, self.world)[self.start :]
@@ -308,7 +313,7 @@ class Data:
 
     def __init__(self, cfg, device, rank: int, world: int, micro_batch: int):
         d, t = cfg.data, cfg.train
-        self.cfg, self.device, self.seed, self.rank, self.world = d, device, cfg.seed, rank, world
+        self.cfg, self.device = d, device
         if (t.mixup > 0 or t.cutmix > 0) and micro_batch % 2:
             raise ConfigError(
                 f"Mixup/CutMix need an even per-process batch, got {micro_batch} (train.batch_size / "
@@ -329,7 +334,11 @@ class Data:
         else:
             self._folders(cfg, micro_batch, rank, world)
         if len(self.train) == 0:
-            n = len(self.train._indices()) if isinstance(self.train, TensorLoader) else len(self.train.sampler)
+            n = (
+                shard_size(len(self.train.labels), world)
+                if isinstance(self.train, TensorLoader)
+                else len(self.train.sampler)
+            )
             raise ConfigError(
                 f"the training set has fewer images per process ({n}) than one batch ({micro_batch}); "
                 "lower train.batch_size or use more data"

@@ -113,15 +113,6 @@ def broadcast(obj):
     return box[0]
 
 
-def any_rank(flag: bool, device) -> bool:
-    """True on every rank if it is true on any (one tiny all-reduce)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    t = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
 # ------------------------------------------------------------------------------------------------ GPU leases
 @contextlib.contextmanager
 def gpu_lease(count: int, lock_dir: str | None = None, poll_s: float = 2.0):
@@ -192,10 +183,6 @@ class PreemptionGuard:
         for s, h in self._previous.items():
             signal.signal(s, h)
         self._previous.clear()
-
-    def requested(self, device) -> bool:
-        """Whether any rank received a stop signal (every rank gets the same answer)."""
-        return any_rank(self.signum is not None, device)
 
     def stop(self, message: str) -> None:
         """After the checkpoint: run the previous handler (submitit requeues), then raise Preempted."""

@@ -401,9 +401,10 @@ def train(cfg, run_dir: str, gpu_index: int | None = None) -> dict:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                scheduler.step_update((epoch - 1) * steps_per_epoch + step + 1)
+                global_step = (epoch - 1) * steps_per_epoch + step + 1
+                scheduler.step_update(global_step)
                 if ema is not None:
-                    ema.update(model, step=(epoch - 1) * steps_per_epoch + step + 1)
+                    ema.update(model, step=global_step)
                 state.step = step + 1
                 bar.update(1)
                 if step % cfg.log_every == 0 or step == steps_per_epoch - 1:
@@ -420,7 +421,6 @@ def train(cfg, run_dir: str, gpu_index: int | None = None) -> dict:
                     bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr_now:.2e}")
                     # the mean loss of the steps since the last point (the host value read above: no extra sync)
                     interval = (total - logged[0]) / ((step + 1 - logged[1]) * t.grad_accum * world)
-                    global_step = (epoch - 1) * steps_per_epoch + step + 1
                     tracker.scalars({"train/loss": interval, "train/lr": lr_now}, global_step)
                     logged = (total, step + 1)
                 if state.step < steps_per_epoch and (step + 1) % check_every == 0:
