@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Dict, List, Optional, Set, Tuple, Union
 
 import torch
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import DropPath, SelectAdaptivePool2d, trunc_normal_
+from timm.models import checkpoint_seq
+from timm.models._features import feature_take_indices  # timm's own models import it from here
 from torch import nn
-from torch.nn import functional as F
 
-from .layers import ConvNormAct, LayerScale, make_act, make_norm
+from .layers import ConfigError, ConvNormAct, LayerScale, choice, make_act, make_norm
 from .roadmap import ModelConfig
 
 
@@ -101,54 +103,201 @@ class Stage(nn.Module):
         self.blocks = nn.Sequential(
             *[Block(cfg, cin if i == 0 else cout, cout, stride if i == 0 else 1, dpr[i]) for i in range(depth)]
         )
+        self.grad_checkpointing = False
 
     def forward(self, x):
-        return self.blocks(self.downsample(x))
+        x = self.downsample(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            # timm's checkpoint_seq: each block recomputed in backward instead of keeping its activations
+            return checkpoint_seq(self.blocks, x)
+        return self.blocks(x)
+
+
+# Global pools a head can take: timm's SelectAdaptivePool2d types that keep the pooled width ('' = no pooling).
+GLOBAL_POOLS = ("avg", "max", "avgmax", "")
+
+
+def _check_head(num_classes: int, global_pool: str) -> None:
+    choice("global_pool", global_pool, GLOBAL_POOLS)
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
+        raise ConfigError(f"num_classes must be an integer >= 0 (0: no classifier), got {num_classes!r}")
+    if not global_pool and num_classes > 0:
+        raise ConfigError(
+            f"global_pool='' (no pooling) needs num_classes=0, got num_classes={num_classes}: the classifier is a "
+            "linear layer over pooled features; use global_pool 'avg', 'max' or 'avgmax' with a classifier"
+        )
 
 
 class Head(nn.Module):
-    """Global average pool -> optional norm -> dropout -> linear classifier."""
+    """Global pool -> optional norm -> flatten -> dropout -> linear classifier (timm's NormMlpClassifierHead order)."""
 
-    def __init__(self, cfg: ModelConfig, channels: int, num_classes: int):
+    def __init__(self, cfg: ModelConfig, channels: int, num_classes: int, global_pool: str = "avg"):
         super().__init__()
+        _check_head(num_classes, global_pool)
+        self.in_features = self.num_features = channels
+        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool)
         self.norm = make_norm(cfg.norm_layer, channels) if cfg.head_norm else nn.Identity()
+        self.flatten = nn.Flatten(1) if global_pool else nn.Identity()
         self.drop = nn.Dropout(cfg.drop_rate)
         self.fc = nn.Linear(channels, num_classes) if num_classes > 0 else nn.Identity()
 
-    def forward(self, x):
-        x = self.norm(F.adaptive_avg_pool2d(x, 1)).flatten(1)
-        return self.fc(self.drop(x))
+    def reset(
+        self,
+        num_classes: int,
+        global_pool: Optional[str] = None,
+        reset_other: bool = False,
+        in_features: int = 0,
+        like: Optional[torch.Tensor] = None,
+    ) -> None:
+        """A new classifier for `num_classes` (0: none) like `like` (device, dtype); optional new pool; no norm."""
+        pool = self.global_pool.pool_type if global_pool is None else global_pool
+        _check_head(num_classes, pool)
+        if in_features and in_features != self.in_features and not (reset_other or isinstance(self.norm, nn.Identity)):
+            raise ConfigError(f"the head's norm is sized for {self.in_features} features; got {in_features}")
+        if global_pool is not None:
+            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool).train(self.training)
+            self.flatten = (nn.Flatten(1) if global_pool else nn.Identity()).train(self.training)
+        if reset_other:
+            self.norm = nn.Identity()
+        if in_features:
+            self.in_features = self.num_features = in_features
+        dd = dict(device=like.device, dtype=like.dtype) if like is not None else {}
+        self.fc = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.fc.apply(_init_weights)
+        self.fc.train(self.training)
+
+    def forward(self, x, pre_logits: bool = False):
+        x = self.drop(self.flatten(self.norm(self.global_pool(x))))
+        return x if pre_logits else self.fc(x)
 
 
 class RoadmapNet(nn.Module):
-    """ResNet-to-ConvNeXt network built from one ModelConfig."""
+    """ResNet-to-ConvNeXt network built from one ModelConfig, with timm's model interface (as its ConvNeXt)."""
 
-    def __init__(self, cfg: ModelConfig, num_classes: int = 1000, in_chans: int = 3):
+    # torch.jit.script compiles properties; this one reads the (unscriptable) config and is Python-only.
+    __jit_unused_properties__ = ["min_input_size"]
+
+    def __init__(self, cfg: ModelConfig, num_classes: int = 1000, in_chans: int = 3, global_pool: str = "avg"):
         super().__init__()
         self.cfg, self.num_classes = cfg.validate(), num_classes
+        self.drop_rate = cfg.drop_rate
         dims = cfg.stage_dims()
         self.stem = Stem(cfg, in_chans, cfg.base_width())
         total = sum(cfg.depths)
         dpr = torch.linspace(0, cfg.drop_path_rate, total).tolist()
         stages, cin, start = [], cfg.base_width(), 0
+        # Stage i leaves the stem's stride times 2**i (stage 0 keeps the stem's resolution): one pyramid level each.
+        self.feature_info = []
         for i, (depth, cout) in enumerate(zip(cfg.depths, dims)):
             stages.append(Stage(cfg, cin, cout, depth, 1 if i == 0 else 2, dpr[start : start + depth]))
+            self.feature_info.append(dict(num_chs=cout, reduction=cfg.stem_stride * 2**i, module=f"stages.{i}"))
             cin, start = cout, start + depth
         self.stages = nn.Sequential(*stages)
-        self.num_features = dims[-1]
-        self.head = Head(cfg, dims[-1], num_classes)
+        self.num_features = self.head_hidden_size = dims[-1]
+        self.head = Head(cfg, dims[-1], num_classes, global_pool)
         self.apply(_init_weights)
         for m in self.modules():
             # Zero the last norm of each residual branch (timm's zero_init_last) so every block starts as identity.
             if isinstance(m, Block) and isinstance(getattr(m.body[-1], "norm", None), nn.BatchNorm2d):
                 nn.init.zeros_(m.body[-1].norm.weight)
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Union[str, List]]:
+        """Parameter groups in depth order for layer-wise lr decay: stem, then stages (coarse) or blocks; head last."""
+        return dict(
+            stem=r"^stem",
+            blocks=r"^stages\.(\d+)"
+            if coarse
+            else [
+                (r"^stages\.(\d+)\.downsample", (0,)),  # a stage's downsampling layer joins its first block
+                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+            ],
+        )
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        """Names exempt from weight decay beyond timm's 1-D rule (norms, biases, layer scale are 1-D): none."""
+        return set()
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in backward (timm.models.checkpoint_seq) to save memory."""
+        for s in self.stages:
+            s.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        """The final linear layer (nn.Identity when num_classes is 0)."""
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None, reset_other: bool = False) -> None:
+        """A new classifier for `num_classes` (0: none, forward returns pooled features); '' pool keeps maps."""
+        like = self.stem.conv.weight  # the new layer goes where the model is (device, dtype)
+        self.head.reset(num_classes, global_pool, reset_other, in_features=self.num_features, like=like)
+        self.num_classes = num_classes
+        self.head_hidden_size = self.head.num_features
+
+    def _take_indices(self, indices) -> Tuple[List[int], int]:
+        n = len(self.stages)
+        try:
+            return feature_take_indices(n, indices)
+        except (AssertionError, TypeError):
+            raise ConfigError(
+                f"indices {indices!r} do not select stages of this model: it has {n} stages; pass an int k "
+                f"(the last k), a list of stage indices 0..{n - 1} (negative counts from the end) or None (all)"
+            ) from None
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Stage outputs selected by `indices` (timm's semantics), with the final features unless intermediates_only.
+
+        `norm` is accepted for timm's interface and changes nothing: no norm sits between the last stage and the
+        head's pooling (ConvNeXt's head norm comes after pooling, as in timm's convnext, whose norm_pre is Identity).
+        """
+        choice("output_fmt", output_fmt, ("NCHW",))
+        take_indices, max_index = self._take_indices(indices)
+        x = self.stem(x)
+        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[: max_index + 1]
+        intermediates = []
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take_indices:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(
+        self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> List[int]:
+        """Drop the stages after the last one `indices` needs (and the head); returns the absolute indices."""
+        take_indices, max_index = self._take_indices(indices)
+        prune_end = max_index < len(self.stages) - 1
+        self.stages = self.stages[: max_index + 1]
+        if prune_end:
+            # the features now end at the last kept stage; the head was sized for the final stage, so it goes too
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_head or prune_end:
+            self.reset_classifier(0, "", reset_other=True)
+        return take_indices
+
     def forward_features(self, x):
-        """Stem and stages, before pooling."""
+        """Stem and stages, before pooling (N, num_features, H / 32, W / 32 with the ImageNet stem)."""
         return self.stages(self.stem(x))
 
+    def forward_head(self, x, pre_logits: bool = False):
+        """Pool, norm, dropout and classifier; `pre_logits` stops before the classifier (head_hidden_size wide)."""
+        return self.head(x, pre_logits=pre_logits)
+
     def forward(self, x):
-        return self.head(self.forward_features(x))
+        return self.forward_head(self.forward_features(x))
 
     @property
     def min_input_size(self) -> int:
