@@ -12,8 +12,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from ablations.config import register
-from models import ConfigError
+from ablations.config import PAPER, register, toggles
+from models import STEPS, ConfigError
 
 register()
 log = logging.getLogger("roadmap")
@@ -21,7 +21,15 @@ IGNORED = ("progress", "device", "logger", "log_every")  # keys that may differ 
 
 
 def _plain(cfg) -> dict:
-    return {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in IGNORED}
+    d = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in IGNORED}
+    # default toggles are left out, so a default run's config.yaml is what it was before toggles existed (and a
+    # finished run from then is still recognised and reused)
+    if not d.get("without"):
+        d.pop("without", None)
+    roadmap = d.get("roadmap")
+    if isinstance(roadmap, dict) and roadmap.get("name") == PAPER and tuple(roadmap.get("steps") or ()) == STEPS:
+        d.pop("roadmap")
+    return d
 
 
 def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -38,6 +46,7 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 def prepare_run_dir(cfg: DictConfig, run_dir: str) -> dict | None:
     """Write config.yaml; refuse a folder holding another config; return the summary of a finished run."""
+    toggles(cfg)  # a bad step name in without= or the roadmap: one ConfigError paragraph before any folder is touched
     path = os.path.join(run_dir, "config.yaml")
     new = _plain(cfg)
     if os.path.exists(path):

@@ -1,6 +1,8 @@
 """fvcore complexity of roadmap models, and the roadmap table side by side with the paper.
 
 python -m ablations.complexity --regime r50 [--img-size 224 --num-classes 1000] [--golden tests/golden/x.json]
+python -m ablations.complexity --without gelu[,bn_to_ln] [--step separate_downsampling]   # one toggled model
+python -m ablations.complexity --leave-one-out [--step separate_downsampling]            # every leave-one-out model
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import time
 import torch
 from fvcore.nn import ActivationCountAnalysis, FlopCountAnalysis
 
-from ablations import ROADMAP, TABLE10_GFLOPS, TABLE10_MISPRINTS, VARIANTS, paper
-from models import build_model
+from ablations import ROADMAP, TABLE10_GFLOPS, TABLE10_MISPRINTS, VARIANTS, paper, table10_gflops
+from models import STEPS, ConfigError, build_model
+from models.roadmap import active_steps
 
 PAPER_OPS = ("conv", "linear")  # the paper counts multiply-adds of conv and linear layers only
 
@@ -63,6 +66,73 @@ def roadmap_rows(regime: str = "r50", img_size: int = 224, num_classes: int = 10
         }
 
 
+def paper_gflops_gain(step: str) -> float | None:
+    """What `step` adds to the GFLOPs on the paper's r50 roadmap (Table 10, misprints corrected); None for baseline."""
+    i = STEPS.index(step)
+    if i == 0:
+        return None
+    return table10_gflops(step) - table10_gflops(STEPS[i - 1])
+
+
+def toggle_rows(
+    step: str = "separate_downsampling",
+    withouts: list[tuple[str, ...]] | None = None,
+    regime: str = "r50",
+    img_size: int = 224,
+    num_classes: int = 1000,
+):
+    """Yield the full `step` and then `step` without each entry of withouts (default: every removable step, one at a
+    time): params / GFLOPs, their change from the full model, and for a single removed step the change its paper
+    roadmap step made (Table 10, r50), so what a removal costs is seen before it is trained."""
+    if withouts is None:
+        withouts = [(s,) for s in active_steps(step)[1:]]
+    for without in withouts:  # every mistake before the first (slow) count
+        active_steps(step, without)
+    full = complexity(build_model(step, regime, num_classes=num_classes), img_size)
+    yield {"name": f"{step} (full)", "without": (), **full, "d_params": 0, "d_gflops": 0.0, "paper_d_gflops": None}
+    for without in withouts:
+        c = complexity(build_model(step, regime, num_classes=num_classes, without=without), img_size)
+        gain = paper_gflops_gain(without[0]) if len(without) == 1 and regime == "r50" else None
+        yield {
+            "name": f"without {'+'.join(without)}",
+            "without": tuple(without),
+            **c,
+            "d_params": c["params"] - full["params"],
+            "d_gflops": c["gflops"] - full["gflops"],
+            "paper_d_gflops": None if gain is None else -gain,  # removal undoes the roadmap step's change
+        }
+
+
+def _print_toggles(args) -> int:
+    """--without / --leave-one-out: the toggled models' complexity beside the full model's."""
+    withouts = None if args.leave_one_out else [tuple(w for w in args.without.split(",") if w)]
+    t0 = time.perf_counter()
+    rows = toggle_rows(args.step, withouts, args.regime, args.img_size, args.num_classes)
+    try:
+        first = next(rows)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"{'model':34s} {'params':>12s} {'d params':>12s} {'GFLOPs':>7s} {'d GFLOPs':>9s} {'fvcore':>7s} "
+        f"{'roadmap d':>9s}"
+    )
+    for r in (first, *rows):
+        paper_d = "" if r["paper_d_gflops"] is None else f"{r['paper_d_gflops']:+.2f}"
+        print(
+            f"{r['name']:34s} {r['params']:12,d} {r['d_params']:+12,d} {r['gflops']:7.3f} {r['d_gflops']:+9.3f} "
+            f"{r['gflops_total']:7.3f} {paper_d:>9s}",
+            flush=True,
+        )
+    print(
+        f"\n{args.regime} at {args.img_size}px, {args.num_classes} classes; GFLOPs = conv+linear multiply-adds "
+        f"(paper convention), fvcore = fvcore's full total; d = change from the full {args.step} when the step is "
+        "switched off; roadmap d = minus the GFLOPs that step added on the paper's roadmap (Table 10, r50): what "
+        f"removing it would cost if steps added up. Counted in {time.perf_counter() - t0:.1f}s."
+    )
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--regime", default="r50", choices=["r50", "r200"])
@@ -70,7 +140,12 @@ def main(argv=None) -> int:
     ap.add_argument("--num-classes", type=int, default=1000)
     ap.add_argument("--no-variants", action="store_true", help="skip the kernel 5/9/11 variants")
     ap.add_argument("--golden", help="also write the rows as JSON here (the tests' golden file)")
+    ap.add_argument("--step", default="separate_downsampling", help="with --without / --leave-one-out: the full model")
+    ap.add_argument("--without", help="comma-separated steps to switch off: the toggled model beside the full one")
+    ap.add_argument("--leave-one-out", action="store_true", help="the full model without each removable step in turn")
     args = ap.parse_args(argv)
+    if args.without or args.leave_one_out:
+        return _print_toggles(args)
     t0 = time.perf_counter()
     rows = []
     print(

@@ -1,17 +1,37 @@
 """Structured-config schema for run_ablation.py, registered in Hydra's ConfigStore.
 
-The model part is models.ModelConfig itself, so a mistyped model field fails at compose time.
+The model part is models.ModelConfig itself, so a mistyped model field fails at compose time. Every model field
+defaults to `${roadmap.model:<field>}`, a resolver that asks models.roadmap for the run's step, roadmap order and
+left-out steps (`without`); profiles, bars and the command line override single fields on top. So the roadmap's
+deltas live in one place (models/roadmap.py step_deltas) and Hydra cannot build another model than build_model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from models import ModelConfig, Regime
+from models import STEPS, ConfigError, ModelConfig, Regime
+from models.roadmap import active_steps, config_of, roadmap_order
+
+PAPER = "paper"  # the name of the paper's roadmap (conf/roadmap/paper.yaml)
+
+
+def _model_from_roadmap() -> ModelConfig:
+    """A ModelConfig node whose every field is filled in by the roadmap.model resolver."""
+    return ModelConfig(**{f.name: f"${{roadmap.model:{f.name}}}" for f in dataclasses.fields(ModelConfig)})
+
+
+@dataclass
+class RoadmapConfig:
+    """A roadmap: an ordered list of step names that `step=` walks (conf/roadmap/<name>.yaml)."""
+
+    name: str = PAPER
+    steps: List[str] = field(default_factory=lambda: list(STEPS))
 
 
 @dataclass
@@ -86,19 +106,75 @@ class RunConfig:
     max_steps: Optional[int] = None  # stop each epoch after N optimizer steps (smoke tests)
     logger: str = "tensorboard"  # tensorboard | wandb | none: where train loss, lr, top-1 and img/s are logged
     log_every: int = 50  # log (and check) the training loss every N optimizer steps
+    without: Any = field(default_factory=list)  # steps switched off (leave-one-out): without=[gelu,bn_to_ln]
     regime: Regime = field(default_factory=Regime)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    roadmap: RoadmapConfig = field(default_factory=RoadmapConfig)
+    model: ModelConfig = field(default_factory=_model_from_roadmap)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-def _suffix(override_dirname: str) -> str:
-    # run folders name the overrides that change results: runs/.../large_kernel_model.kernel_size=5/seed0
-    return f"_{override_dirname}" if override_dirname else ""
+def _list(value) -> list:
+    """without as a plain list: None or [] -> [], a single name -> [name], a ListConfig -> list."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    return list(OmegaConf.to_container(value) if OmegaConf.is_config(value) else value)
+
+
+def toggles(cfg) -> dict:
+    """The run's step, regime, roadmap order (None for the paper's) and left-out steps, validated (ConfigError)."""
+    name = OmegaConf.select(cfg, "roadmap.name", default=PAPER)
+    steps = OmegaConf.select(cfg, "roadmap.steps", default=None)
+    steps = list(STEPS) if steps is None else _list(steps)
+    if name == PAPER and tuple(steps) != STEPS:
+        raise ConfigError(
+            f"roadmap.steps {steps} is not the paper's order but the roadmap is still named {PAPER!r}; name it "
+            "(roadmap.name=<name>), or write conf/roadmap/<name>.yaml and pass roadmap=<name>"
+        )
+    order = None if tuple(steps) == STEPS else roadmap_order(steps)
+    regime = Regime(**OmegaConf.to_container(cfg.regime, resolve=True))
+    without = _list(OmegaConf.select(cfg, "without", default=None))
+    return {
+        "step": cfg.step,
+        "regime": regime,
+        "roadmap": order,
+        "without": without,
+        "active": active_steps(cfg.step, without, order),
+    }
+
+
+def _model_field(name: str, *, _root_) -> Any:
+    """Resolver roadmap.model: one field of the model that models.roadmap builds for this run's toggles."""
+    t = toggles(_root_)
+    return config_of(t["active"], t["regime"]).get(name, getattr(ModelConfig(), name))
+
+
+def toggle_items(without, roadmap: str | None) -> list[str]:
+    """The toggles as run-folder items: roadmap=<name> (not for the paper's), without=<a>+<b> (when any)."""
+    items = [f"roadmap={roadmap}"] if roadmap and roadmap != PAPER else []
+    left_out = _list(without)
+    return items + (["without=" + "+".join(map(str, left_out))] if left_out else [])
+
+
+def toggle_label(bar: str, without) -> str:
+    """A figure bar's label with its left-out steps: separate_downsampling_without=gelu (the folder's name too)."""
+    left_out = _list(without)
+    return f"{bar}_without={'+'.join(map(str, left_out))}" if left_out else bar
+
+
+def _suffix(override_dirname: str, without=None, roadmap: str | None = None) -> str:
+    # run folders name the overrides that change results: runs/.../large_kernel_model.kernel_size=5/seed0, and the
+    # toggles: .../separate_downsampling_without=gelu/seed0; a default run's folder name is what it always was
+    items = ([override_dirname] if override_dirname else []) + toggle_items(without, roadmap)
+    return f"_{','.join(items)}" if items else ""
 
 
 def register() -> None:
-    """Register the schema as `roadmap_schema` (conf/config.yaml names it first) and the `roadmap.suffix` resolver."""
+    """Register the schema `roadmap_schema` and the resolvers roadmap.suffix (folder names) and roadmap.model."""
     ConfigStore.instance().store(name="roadmap_schema", node=RunConfig)
     if not OmegaConf.has_resolver("roadmap.suffix"):
         OmegaConf.register_new_resolver("roadmap.suffix", _suffix)
+    if not OmegaConf.has_resolver("roadmap.model"):
+        OmegaConf.register_new_resolver("roadmap.model", _model_field)

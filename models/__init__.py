@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 
 from torch import nn
 
@@ -23,10 +24,13 @@ def build_model(
     num_classes: int = 1000,
     in_chans: int = 3,
     pretrained: str | None = None,
+    without: Iterable[str] = (),
+    roadmap: Iterable[str] | None = None,
     **overrides,
 ) -> nn.Module:
-    """Build roadmap step `step` of `regime`; `overrides` are ModelConfig fields (e.g. kernel_size=5)."""
-    model = RoadmapNet(step_config(step, regime, **overrides), num_classes=num_classes, in_chans=in_chans)
+    """Build `step` of `regime` along `roadmap` (default the paper's) minus `without`; overrides: ModelConfig fields."""
+    cfg = step_config(step, regime, without=without, roadmap=roadmap, **overrides)
+    model = RoadmapNet(cfg, num_classes=num_classes, in_chans=in_chans)
     if pretrained:
         load_pretrained(model, pretrained)
     return model

@@ -1,14 +1,16 @@
 """The roadmap as model-config deltas: ModelConfig, the two regimes and one small delta per step.
 
-conf/step/*.yaml states the same deltas for Hydra; tests/test_conf.py keeps the two equal for every step and
-regime. Nothing here imports Hydra.
+The deltas are toggles: a model is the set of steps switched on (`active_steps`: a roadmap order walked up to a
+step, minus the steps left out), and its config is the deltas of that set applied in the paper's order
+(`config_of`). Hydra's model node is filled from here too (ablations/config.py), so the builder and the configs
+cannot disagree. Nothing here imports Hydra.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Iterable, List, Optional, Union
 
 from .layers import ACTS, NORMS, ConfigError, choice
 
@@ -117,7 +119,7 @@ STEPS = (
 
 
 def step_deltas(regime: Regime) -> dict:
-    """step name -> the model fields that step changes (mirrors conf/step/*.yaml)."""
+    """step name -> the model fields that step changes (the one place the roadmap's deltas are written)."""
     r = regime
     return {
         "baseline": dict(depths=list(r.depths), width=r.width),
@@ -142,13 +144,93 @@ def get_regime(name: str) -> Regime:
     return REGIMES[name]
 
 
-def step_config(step: str, regime: str = "r50", **overrides) -> ModelConfig:
-    """The ModelConfig of `step` (all deltas up to it applied), then `overrides` (any ModelConfig field)."""
-    choice("step", step, STEPS)
-    deltas = step_deltas(get_regime(regime))
+def _names(value, what: str) -> tuple:
+    """A list of step names from a tuple, list (Hydra's ListConfig too), a single name or None."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    try:
+        return tuple(value)
+    except TypeError:
+        raise ConfigError(
+            f"{what} must be a list of step names, got {value!r}; valid steps: {', '.join(STEPS)}"
+        ) from None
+
+
+def roadmap_order(roadmap: Optional[Iterable[str]] = None) -> tuple:
+    """A roadmap (ordered step names, starting at baseline, each step once) validated; None is the paper's, STEPS."""
+    if roadmap is None:
+        return STEPS
+    order = _names(roadmap, "roadmap")
+    for name in order:
+        if name not in STEPS:
+            raise ConfigError(
+                f"unknown step {name!r} in roadmap {list(order)}; a roadmap is an ordered list of step names, "
+                f"valid: {', '.join(STEPS)}"
+            )
+    twice = sorted({n for n in order if order.count(n) > 1})
+    if twice:
+        raise ConfigError(f"roadmap {list(order)} lists {', '.join(twice)} more than once; each step may appear once")
+    if not order or order[0] != "baseline":
+        raise ConfigError(
+            f"roadmap {list(order)} must start with 'baseline' (the ResNet every other step modifies), "
+            f"then any of: {', '.join(STEPS[1:])}"
+        )
+    return order
+
+
+def active_steps(step: str, without: Iterable[str] = (), roadmap: Optional[Iterable[str]] = None) -> tuple:
+    """The steps switched on for `step`: the roadmap up to and including it, minus `without` (roadmap order)."""
+    order = roadmap_order(roadmap)
+    if step not in order:
+        where = "" if roadmap is None else f" of roadmap {list(order)}"
+        raise ConfigError(f"unknown step {step!r}{where}; valid choices: {', '.join(order)}")
+    chain = order[: order.index(step) + 1]
+    removable = ", ".join(chain[1:]) or "none (the chain is baseline alone)"
+    for name in _names(without, "without"):
+        if name not in STEPS:
+            raise ConfigError(f"without={name!r} is not a step; steps that can be left out of {step!r}: {removable}")
+        if name == "baseline":
+            raise ConfigError(
+                "without='baseline' is not possible: baseline is the ResNet every other step modifies, not a delta "
+                f"that can be switched off; steps that can be left out of {step!r}: {removable}"
+            )
+        if name not in chain:
+            why = "comes after it in the roadmap" if name in order else "is not in the roadmap"
+            raise ConfigError(
+                f"without={name!r} is not in the chain of step {step!r} (it {why}), so there is nothing to switch "
+                f"off; steps that can be left out of {step!r}: {removable}"
+            )
+    left_out = set(_names(without, "without"))
+    return tuple(s for s in chain if s not in left_out)
+
+
+def config_of(active: Iterable[str], regime: Union[str, Regime] = "r50") -> dict:
+    """ModelConfig fields of a set of switched-on steps: their deltas applied in the paper's order.
+
+    Applying in the paper's order makes the model a function of the set, not of the order it was reached in: where
+    two steps set one field (depths: baseline, stage_ratio; width: baseline, stage_ratio, increase_width) the later
+    step of the paper's roadmap wins, and leaving a step out restores the value of the latest earlier step.
+    """
+    r = get_regime(regime) if isinstance(regime, str) else regime
+    deltas, on = step_deltas(r), set(active)
     cfg = {}
-    for name in STEPS[: STEPS.index(step) + 1]:
-        cfg.update(deltas[name])
+    for name in STEPS:
+        if name in on:
+            cfg.update(deltas[name])
+    return cfg
+
+
+def step_config(
+    step: str,
+    regime: Union[str, Regime] = "r50",
+    without: Iterable[str] = (),
+    roadmap: Optional[Iterable[str]] = None,
+    **overrides,
+) -> ModelConfig:
+    """The ModelConfig of `step` (the deltas of `roadmap` up to it, minus `without`), then `overrides` (any field)."""
+    cfg = config_of(active_steps(step, without, roadmap), regime)
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     for key in overrides:
         choice("model field", key, sorted(fields))

@@ -11,7 +11,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from ablations import STEP_NAMES, VARIANTS
-from models import STEPS, ModelConfig, step_config
+from models import STEPS, step_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,13 +30,19 @@ def test_composed_model_equals_builder(compose_cfg, step, regime):
     assert composed == dataclasses.asdict(step_config(step, regime))
 
 
-def test_each_step_file_is_a_delta_on_the_previous():
-    for prev, step in zip(STEPS, STEPS[1:]):
+def test_each_step_file_names_its_step_and_sets_no_model_field():
+    # the deltas live in models/roadmap.py only: a model field set here would override the toggles (without=,
+    # roadmap=), since the model node is filled by the roadmap.model resolver and files only override it
+    for step in STEPS:
         text = (ROOT / f"conf/step/{step}.yaml").read_text()
         data = OmegaConf.create(text)
-        assert list(data.defaults) == [prev], step
+        assert data.step == step and "model" not in data and "defaults" not in data, step
         assert text.splitlines()[1].startswith("# "), f"{step}: second line should cite the paper's change"
-        assert set(data.model) <= {f.name for f in dataclasses.fields(ModelConfig)}
+
+
+def test_paper_roadmap_file_equals_steps():
+    paper = OmegaConf.load(ROOT / "conf/roadmap/paper.yaml")
+    assert paper.name == "paper" and tuple(paper.steps) == STEPS
 
 
 def test_bars_cover_steps_and_variants(compose_cfg):
