@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from timm.layers import LayerNorm2d
 from torch import nn
+from torch.nn import functional as F
 
 
 class ConfigError(ValueError):
@@ -42,6 +43,22 @@ def make_act(name: str) -> nn.Module:
     return ACTS[name]()
 
 
+class PointwiseConv2d(nn.Conv2d):
+    """A 1x1 stride-1 dense conv computed as nn.Linear over channels-last data (timm's ConvNeXt MLP does the same).
+
+    The parameters stay Conv2d-shaped (out, in, 1, 1), so checkpoints, initialisation and FLOP counts are those
+    of the conv; only the kernel differs: on CPU a matmul over (N*H*W, C) trains ~1.3x faster than oneDNN's 1x1
+    conv backward. The output keeps the channels-last layout (the input's, if it was channels-last).
+    """
+
+    def __init__(self, cin: int, cout: int, bias: bool = True):
+        super().__init__(cin, cout, 1, bias=bias)
+
+    def forward(self, x):
+        w = self.weight.view(self.out_channels, self.in_channels)
+        return F.linear(x.permute(0, 2, 3, 1), w, self.bias).permute(0, 3, 1, 2)
+
+
 class ConvNormAct(nn.Sequential):
     """conv -> optional norm -> optional act; children are named conv / norm / act so checkpoints map by role.
 
@@ -62,7 +79,11 @@ class ConvNormAct(nn.Sequential):
     ):
         super().__init__()
         padding = kernel_size // 2 if padding is None else padding
-        self.conv = nn.Conv2d(cin, cout, kernel_size, stride, padding, groups=groups, bias=conv_bias or norm is None)
+        bias = conv_bias or norm is None
+        if kernel_size == 1 and stride == 1 and groups == 1 and padding == 0:
+            self.conv = PointwiseConv2d(cin, cout, bias=bias)
+        else:
+            self.conv = nn.Conv2d(cin, cout, kernel_size, stride, padding, groups=groups, bias=bias)
         if norm is not None:
             self.norm = make_norm(norm, cout)
         if act is not None:

@@ -427,3 +427,41 @@ def test_timm_registry_builds_every_step():
     m = timm.create_model("roadmap_r50_large_kernel", num_classes=10, kernel_size=5)
     assert m.cfg.kernel_size == 5 and m.head.fc.out_features == 10
     assert n_params(timm.create_model("roadmap_r50_separate_downsampling")) == 28_589_128
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_pointwise_conv_equals_the_conv(channels_last):
+    # PointwiseConv2d runs 1x1 convs as nn.Linear over channels (speed); it must stay the same function, with the
+    # same gradients, as the Conv2d whose parameters it keeps, whatever the input's memory format.
+    from models.layers import PointwiseConv2d
+
+    torch.manual_seed(0)
+    pw = PointwiseConv2d(6, 10)
+    conv = torch.nn.Conv2d(6, 10, 1)
+    conv.load_state_dict(pw.state_dict())
+    x = torch.randn(2, 6, 5, 7)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = pw(xa), conv(xb)
+    assert ya.shape == yb.shape == (2, 10, 5, 7)
+    torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(ya)
+    ya.backward(g), yb.backward(g)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pw.weight.grad, conv.weight.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pw.bias.grad, conv.bias.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_every_dense_1x1_conv_runs_as_linear():
+    # The speed path covers exactly the dense 1x1 stride-1 convs: strided 1x1 shortcuts and spatial convs stay convs.
+    from models.layers import PointwiseConv2d
+
+    for step in ("baseline", "separate_downsampling"):
+        model = build_model(step, width_mult=0.125)
+        for name, m in model.named_modules():
+            if type(m) is torch.nn.Conv2d:
+                assert m.kernel_size != (1, 1) or m.stride != (1, 1) or m.groups != 1, name
+        n = sum(isinstance(m, PointwiseConv2d) for m in model.modules())
+        # ConvNeXt-T: 2 per block (18 blocks); ResNet-50: 2 per block (16) + the stage-1 projection shortcut
+        assert n == {"baseline": 33, "separate_downsampling": 36}[step], n
