@@ -149,7 +149,7 @@ class Head(nn.Module):
         in_features: int = 0,
         like: Optional[torch.Tensor] = None,
     ) -> None:
-        """A new classifier for `num_classes` (0: none) like `like` (device, dtype); optional new pool; no norm."""
+        """New classifier for `num_classes` (0: none) on `like`'s device; new pool if given; no norm if reset_other."""
         pool = self.global_pool.pool_type if global_pool is None else global_pool
         _check_head(num_classes, pool)
         if in_features and in_features != self.in_features and not (reset_other or isinstance(self.norm, nn.Identity)):
