@@ -6,14 +6,28 @@ import math
 from collections.abc import Iterable
 from pathlib import Path
 
+import pandas as pd
+
 from analysis.curves import curves_figure
 from analysis.fidelity import fidelity, fidelity_caption, fidelity_json, fidelity_markdown
 from analysis.figure import flops_figure, roadmap_figure, set_plot_style
-from analysis.runs import FIGURE_ORDER, collect, find_run_dirs, portable, results_csv, summarize
+from analysis.leave_one_out import leave_one_out, leave_one_out_figure, leave_one_out_markdown
+from analysis.runs import (
+    FIGURE_ORDER,
+    PAPER,
+    collect,
+    find_run_dirs,
+    groups,
+    is_roadmap,
+    portable,
+    results_csv,
+    summarize,
+)
 
 __all__ = [
     "FIGURE_ORDER", "analyze", "collect", "curves_figure", "fidelity", "find_run_dirs", "flops_figure",
-    "markdown_table", "results_csv", "roadmap_figure", "set_plot_style", "summarize",
+    "leave_one_out", "leave_one_out_figure", "markdown_table", "results_csv", "roadmap_figure", "set_plot_style",
+    "summarize",
 ]  # fmt: skip
 
 
@@ -39,11 +53,11 @@ def _top1_cell(row) -> str:
 def markdown_table(summary) -> str:
     """The summary as Markdown: one table per regime, our numbers beside the paper's."""
     out = []
-    regimes = list(dict.fromkeys(summary["regime"]))
-    for regime in regimes:
-        s = summary[summary["regime"] == regime]
-        if len(regimes) > 1:
-            out += [f"### {regime}", ""]
+    keys = list(dict.fromkeys(zip(summary["regime"], summary.get("roadmap", pd.Series(PAPER, summary.index)))))
+    for regime, roadmap in keys:
+        s = summary[(summary["regime"] == regime) & (summary.get("roadmap", PAPER) == roadmap)]
+        if len(keys) > 1:
+            out += [f"### {regime}" + ("" if roadmap == PAPER else f", roadmap {roadmap}"), ""]
         out += [
             "| bar | GFLOPs | params (M) | top-1 (%) | n | not finished | paper top-1 | paper GFLOPs |",
             # GFLOPs and params describe the step at ImageNet scale (224 px, full width), like the paper's
@@ -63,11 +77,14 @@ def markdown_table(summary) -> str:
 
 def analyze(paths: Iterable[str | Path] | str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
     """Collect every run under paths and write results.csv/.md, summary.csv, fidelity.json and the figures (the
-    roadmap, top-1 vs GFLOPs, and the learning curves from each run's metrics.jsonl).
+    roadmap, top-1 vs GFLOPs, and the learning curves from each run's metrics.jsonl); with leave-one-out runs
+    (without=) also leave_one_out.csv/.md/.png/.svg (analysis.leave_one_out).
 
     out_dir defaults to the first path (its folder when it is a results.csv). Run folders are named relative to
     out_dir in every file written, so the results stay valid when the folder is moved or committed. One
-    roadmap/flops figure per regime present; with several regimes the non-r50 ones get a _<regime> suffix.
+    roadmap/flops figure per regime and roadmap present, drawn in that roadmap's order; with several regimes the
+    non-r50 ones get a _<regime> suffix, with several roadmaps the non-paper ones a _<roadmap> suffix. Leave-one-out
+    runs alone (no roadmap walked besides their full models) get no roadmap figures and no fidelity.json.
     Returns {file name: path written}. Raises ValueError when no run exists under paths.
     """
     paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
@@ -79,7 +96,10 @@ def analyze(paths: Iterable[str | Path] | str | Path, out_dir: str | Path | None
     out = Path(out_dir) if out_dir is not None else paths[0].parent if paths[0].is_file() else paths[0]
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(df)
-    records = fidelity(summary)
+    # the fidelity measures compare the paper's roadmap with the paper's; other orders and removals have no such pair
+    plain = summary["without"].eq("") & summary["roadmap"].eq(PAPER)
+    walks = [g for g in groups(df) if is_roadmap(df[(df["regime"] == g[0]) & (df["roadmap"] == g[1])])]
+    records = fidelity(summary[plain]) if (plain.any() and any(r == PAPER for _, r in walks)) else []
     written: dict[str, Path] = {}
 
     def put(name: str) -> Path:
@@ -88,20 +108,39 @@ def analyze(paths: Iterable[str | Path] | str | Path, out_dir: str | Path | None
 
     portable(df, out).to_csv(put("results.csv"), index=False)
     summary.to_csv(put("summary.csv"), index=False)
-    put("fidelity.json").write_text(fidelity_json(records))
-    table = markdown_table(summary) + "\n" + fidelity_markdown(records)
+    if records:
+        put("fidelity.json").write_text(fidelity_json(records))
+    table = markdown_table(summary) + ("\n" + fidelity_markdown(records) if records else "")
     put("results.md").write_text(table)
     print(table)
 
     set_plot_style()
-    regimes = list(dict.fromkeys(summary["regime"]))
+    regimes = list(dict.fromkeys(r for r, _ in walks))
+    roadmaps = list(dict.fromkeys(m for _, m in walks))
     captions = {rec["regime"]: fidelity_caption(rec) for rec in records}
-    for regime in regimes:
+    for regime, roadmap in walks:
         suffix = "" if regime == "r50" or len(regimes) == 1 else f"_{regime}"
-        roadmap_figure(summary, out / f"roadmap{suffix}", regime=regime, caption=captions.get(regime))
-        flops_figure(summary, out / f"roadmap_flops{suffix}", regime=regime)
-        curves_figure(df, out / f"curves{suffix}", regime=regime)
+        suffix += "" if roadmap == PAPER or len(roadmaps) == 1 else f"_{roadmap}"
+        rows = summary[(summary["roadmap"] == roadmap) & summary["without"].eq("")]
+        runs = df[(df["roadmap"] == roadmap) & df["without"].eq("")]
+        caption = captions.get(regime) if roadmap == PAPER else None
+        roadmap_figure(rows, out / f"roadmap{suffix}", regime=regime, caption=caption, roadmap=roadmap)
+        flops_figure(rows, out / f"roadmap_flops{suffix}", regime=regime)
+        curves_figure(runs, out / f"curves{suffix}", regime=regime)
         for stem in (f"roadmap{suffix}", f"roadmap_flops{suffix}", f"curves{suffix}"):
+            for ext in ("png", "svg"):
+                put(f"{stem}.{ext}")
+    loo = leave_one_out(summary)
+    if len(loo):
+        loo.to_csv(put("leave_one_out.csv"), index=False)
+        text = leave_one_out_markdown(loo)
+        put("leave_one_out.md").write_text(text)
+        print(text)
+        keys = list(dict.fromkeys(zip(loo["regime"], loo["roadmap"], loo["full"])))
+        for regime, roadmap, full in keys:
+            stem = "leave_one_out" if len(keys) == 1 else f"leave_one_out_{full}_{regime}_{roadmap}"
+            part = loo[(loo["regime"] == regime) & (loo["roadmap"] == roadmap) & (loo["full"] == full)]
+            leave_one_out_figure(part, summary[summary["regime"] == regime], out / stem)
             for ext in ("png", "svg"):
                 put(f"{stem}.{ext}")
     return written

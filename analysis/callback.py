@@ -1,4 +1,4 @@
-"""Hydra callback that redraws the roadmap figure when a multirun (sweep) ends.
+"""Hydra callback that redraws the roadmap figure (and the leave-one-out figure, for such sweeps) when a multirun ends.
 
 Enable with `hydra.callbacks.roadmap_figure._target_=analysis.callback.RoadmapFigureCallback`.
 """

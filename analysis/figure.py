@@ -141,18 +141,24 @@ def _status_label(row) -> str:
     return "finished, no top-1 recorded" if status == "finished" else "missing"
 
 
-def roadmap_figure(summary: pd.DataFrame, out_stem: Path, regime: str = "r50", caption: str | None = None) -> Figure:
+def roadmap_figure(
+    summary: pd.DataFrame, out_stem: Path, regime: str = "r50", caption: str | None = None, roadmap: str = "paper"
+) -> Figure:
     """The roadmap as horizontal bars (ours | numbers | paper), written to out_stem.png/.svg; returns the Figure.
 
     Every bar of the summary gets exactly one bar patch in the left panel with gid 'bar:<name>' (zero width
     when there is nothing to show), so callers can count bars in the Figure or in the SVG. caption (e.g. the
     fidelity line of analysis.fidelity.fidelity_caption) is drawn in a box under the title, with gid 'caption'.
+    Bars are drawn in the summary's order column: the paper's figure order, or another roadmap's own (named in the
+    title when it is not the paper's).
     """
     with mpl.rc_context(STYLE):  # the project style without changing the caller's global rcParams
-        return _roadmap_figure(summary, out_stem, regime, caption)
+        return _roadmap_figure(summary, out_stem, regime, caption, roadmap)
 
 
-def _roadmap_figure(summary: pd.DataFrame, out_stem: Path, regime: str, caption: str | None = None) -> Figure:
+def _roadmap_figure(
+    summary: pd.DataFrame, out_stem: Path, regime: str, caption: str | None = None, roadmap: str = "paper"
+) -> Figure:
     """roadmap_figure's body, run inside the style context."""
     s = _for_regime(summary, regime)
     n = len(s)
@@ -286,7 +292,10 @@ def _roadmap_figure(summary: pd.DataFrame, out_stem: Path, regime: str, caption:
     _column_headers(axt, [(0.04, "left", "top-1"), (0.60, "left", "GFLOPs"), (0.97, "right", "n")] if n else [])
 
     _paper_panel(axp, axpt, s, regime)
-    fig.suptitle(f"{big} → {small}: the modernization roadmap", fontsize=13, fontweight="bold")
+    name = (
+        "the modernization roadmap" if roadmap == "paper" else f"roadmap {roadmap!r} (the paper's steps, another order)"
+    )
+    fig.suptitle(f"{big} → {small}: {name}", fontsize=13, fontweight="bold")
     _roadmap_legend(fig, s, regime)
     _save(fig, out_stem)
     return fig
@@ -461,7 +470,9 @@ def _trajectory(
         ax.set_yticks([])
         return 0
     main = pts[pts["bar"].isin(ROADMAP_NAMES)]
-    main = main.assign(_k=main["bar"].map(ROADMAP_NAMES.index)).sort_values("_k")
+    # joined in the order the roadmap walks them (the order column: the paper's, or a custom roadmap's)
+    key = main["order"] if "order" in main.columns else main["bar"].map(ROADMAP_NAMES.index)
+    main = main.assign(_k=key).sort_values("_k", kind="stable")
     ax.plot(main[xcol], main[ycol], "-", color="#555555", linewidth=1, zorder=2)
     labels = []
     for _, row in pts.iterrows():

@@ -12,6 +12,8 @@ import pandas as pd
 import yaml
 
 from ablations import ROADMAP, VARIANTS, Step, paper
+from ablations.config import PAPER, toggle_label
+from models import STEPS
 
 # Figure order, top to bottom: the recipe bar, then the roadmap, with the non-adopted kernels next to the adopted one.
 FIGURE_ORDER: list[str] = ["baseline_classic"]
@@ -25,8 +27,10 @@ ORDER = {name: i for i, name in enumerate(FIGURE_ORDER)}
 RUN_COLUMNS = [
     "run_dir", "bar", "step", "seed", "regime", "profile", "data", "recipe", "status", "error", "top1", "top5",
     "params", "paper_params", "gflops", "gflops_total", "train_gflops", "epochs", "epochs_planned", "wall_s",
-    "device", "order",
+    "device", "order", "roadmap", "roadmap_steps", "without", "base_bar",
 ]  # fmt: skip
+# toggles (issue 12): roadmap = name of the order step= walked (paper for the paper's), roadmap_steps = that order
+# comma-joined, without = the left-out steps "+"-joined ("" for none), base_bar = the bar before its toggles
 COMPLEXITY_KEYS = ("params", "paper_params", "gflops", "gflops_total", "train_gflops")
 NAN = float("nan")
 
@@ -45,6 +49,34 @@ def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
 def bar_order(bar) -> int:
     """Position of a bar in the figure, unknown bars last."""
     return ORDER.get(bar, len(FIGURE_ORDER))
+
+
+def _steps_of(roadmap_steps) -> list[str]:
+    """A roadmap_steps cell as a list of step names (the paper's order when empty or missing)."""
+    if isinstance(roadmap_steps, str) and roadmap_steps:
+        return roadmap_steps.split(",")
+    return list(STEPS)
+
+
+def _without_of(without) -> list[str]:
+    """A without cell as a list of step names ("" or NaN: none)."""
+    return [w for w in without.split("+") if w] if isinstance(without, str) else []
+
+
+def row_order(bar, roadmap=PAPER, roadmap_steps=None, without=None, base_bar=None) -> float:
+    """Figure position of a run's bar: the paper's figure order, a custom roadmap's own order, and a leave-one-out
+    bar right after its full model, ordered by where its left-out step sits on the roadmap."""
+    steps = _steps_of(roadmap_steps)
+    left_out = _without_of(without)
+    base = base_bar if isinstance(base_bar, str) and base_bar else bar
+    if isinstance(roadmap, str) and roadmap != PAPER and base in steps:
+        pos = 1 + steps.index(base)  # 0 stays the recipe bar's
+    else:
+        pos = bar_order(base)
+    if left_out:
+        first = min(steps.index(w) if w in steps else len(steps) for w in left_out)
+        pos += (1 + first) / (2 + len(steps))  # after the full model, before the next bar
+    return pos
 
 
 def paper_step(bar) -> Step | None:
@@ -124,9 +156,14 @@ def load_run(run_dir: str | Path) -> dict:
         errors.append(f"config.yaml: {e}")
         cfg = {}
     step = cfg.get("step")
+    roadmap = cfg.get("roadmap") if isinstance(cfg.get("roadmap"), dict) else {}
+    without = [str(w) for w in cfg.get("without") or []] if isinstance(cfg.get("without") or [], list) else []
     row.update(
         step=step,
         bar=cfg.get("bar") or step,  # old runs have no bar key: then the bar is the step
+        roadmap=roadmap.get("name") or PAPER,  # runs without toggles (and from before them) walked the paper's
+        roadmap_steps=",".join(map(str, roadmap.get("steps") or STEPS)),
+        without="+".join(without),
         seed=cfg.get("seed"),
         regime=_name(cfg.get("regime")),
         profile=cfg.get("profile"),
@@ -174,7 +211,10 @@ def load_run(run_dir: str | Path) -> dict:
         row.update(status="broken", error="; ".join(errors), top1=NAN, top5=NAN)
     if row["bar"] is None and row["step"] is not None:
         row["bar"] = row["step"]
-    row["order"] = bar_order(row["bar"])
+    row["base_bar"] = row["bar"]
+    if row["without"] and row["bar"] is not None:  # a leave-one-out run is its own bar: the folder's name
+        row["bar"] = toggle_label(row["bar"], _without_of(row["without"]))
+    row["order"] = row_order(row["bar"], row["roadmap"], row["roadmap_steps"], row["without"], row["base_bar"])
     return row
 
 
@@ -205,7 +245,14 @@ def read_results_csv(path: str | Path) -> pd.DataFrame:
     df["run_dir"] = [os.path.normpath(base / str(d)) for d in df["run_dir"]]  # an absolute run_dir stays as it is
     df["error"] = [e if isinstance(e, str) else "" for e in df["error"]]
     df["seed"] = [None if math.isnan(_num(x)) else int(_num(x)) for x in df["seed"]]
-    df["order"] = [bar_order(b) for b in df["bar"]]  # the figure order of today's code, not of the writer's
+    # tables from before toggles: the paper's roadmap, nothing left out
+    df["roadmap"] = [r if isinstance(r, str) and r else PAPER for r in df["roadmap"]]
+    df["roadmap_steps"] = [",".join(_steps_of(r)) for r in df["roadmap_steps"]]
+    df["without"] = [w if isinstance(w, str) else "" for w in df["without"]]
+    df["base_bar"] = [b if isinstance(b, str) and b else bar for b, bar in zip(df["base_bar"], df["bar"])]
+    df["order"] = [  # the figure order of today's code, not of the writer's
+        row_order(*a) for a in zip(df["bar"], df["roadmap"], df["roadmap_steps"], df["without"], df["base_bar"])
+    ]
     return df[RUN_COLUMNS]
 
 
@@ -256,28 +303,54 @@ def _sort_key(col: pd.Series) -> pd.Series:
     return col.astype(str)
 
 
-def summarize(df: pd.DataFrame, fill_missing: bool = True) -> pd.DataFrame:
-    """One row per (regime, bar) in figure order: our top-1 mean/std over finished seeds beside the paper's numbers.
+def is_roadmap(runs: pd.DataFrame) -> bool:
+    """Whether the runs of one (regime, roadmap) walk a roadmap (draw its figure, fill in its missing steps), rather
+    than being a leave-one-out sweep, whose only untoggled runs are the full models the removals are compared to."""
+    toggled = runs["without"].fillna("").astype(bool) if "without" in runs.columns else pd.Series(False, runs.index)
+    plain = set(runs.loc[~toggled, "bar"].dropna())
+    return not toggled.any() or bool(plain - set(runs.loc[toggled, "base_bar"].dropna()))
 
-    With fill_missing, every roadmap step appears for each regime present, as status 'missing' when no run of it
-    exists, so the figure shows what is still to do; variant bars (recipe, kernel sizes) appear when they have runs.
+
+def groups(df: pd.DataFrame) -> list[tuple[str, str]]:
+    """The (regime, roadmap) pairs present: r50 first, the paper's roadmap first within a regime."""
+    if not len(df):
+        return []
+    roadmaps = df["roadmap"].fillna(PAPER) if "roadmap" in df.columns else pd.Series(PAPER, df.index)
+    pairs = set(zip(df["regime"].fillna("unknown"), roadmaps))
+    return sorted(pairs, key=lambda p: (p[0] != "r50", str(p[0]), p[1] != PAPER, str(p[1])))
+
+
+def summarize(df: pd.DataFrame, fill_missing: bool = True) -> pd.DataFrame:
+    """One row per (regime, roadmap, bar) in figure order: our top-1 mean/std over finished seeds beside the paper's.
+
+    With fill_missing, every step of a roadmap appears for each (regime, roadmap) present, as status 'missing' when no
+    run of it exists, so the figure shows what is still to do (not for a leave-one-out sweep: see is_roadmap);
+    variant bars (recipe, kernel sizes) and toggled bars (leave-one-out) appear when they have runs.
     """
     df = df[df["bar"].notna()].copy()
     df["regime"] = df["regime"].fillna("unknown")
-    regimes = sorted(df["regime"].unique(), key=lambda r: (r != "r50", str(r)))
+    # frames from before toggles (or built by hand): the paper's roadmap, nothing left out
+    for col, default in (("roadmap", PAPER), ("roadmap_steps", ",".join(STEPS)), ("without", "")):
+        values = df[col] if col in df.columns else [None] * len(df)
+        df[col] = [v if isinstance(v, str) and (v or col == "without") else default for v in values]
+    bases = df["base_bar"] if "base_bar" in df.columns else [None] * len(df)
+    df["base_bar"] = [b if isinstance(b, str) and b else bar for b, bar in zip(bases, df["bar"])]
     rows = []
-    for regime in regimes:
-        sub = df[df["regime"] == regime]
+    for regime, roadmap in groups(df):
+        sub = df[(df["regime"] == regime) & (df["roadmap"] == roadmap)]
+        order = sub["roadmap_steps"].iloc[0]
         bars = list(dict.fromkeys(sub.sort_values("order", kind="stable")["bar"]))
-        if fill_missing:
-            bars = sorted(set(bars) | {s.name for s in ROADMAP}, key=lambda b: (bar_order(b), str(b)))
+        if fill_missing and is_roadmap(sub):
+            steps = [s.name for s in ROADMAP] if roadmap == PAPER else _steps_of(order)
+            known = dict(zip(sub["bar"], sub["order"]))
+            bars = sorted(set(bars) | set(steps), key=lambda b: (known.get(b, row_order(b, roadmap, order)), str(b)))
         for bar in bars:
-            rows.append(_summary_row(regime, bar, sub[sub["bar"] == bar]))
+            rows.append(_summary_row(regime, bar, sub[sub["bar"] == bar], roadmap, order))
     columns = [
         "regime", "bar", "step", "title", "status", "gflops", "gflops_total", "params", "paper_params", "top1_mean",
         "top1_std", "n",
         "n_failed", "n_running", "n_broken", "running_top1", "epochs_done", "epochs_planned", "profile", "data",
-        "recipe", "paper_top1", "paper_gflops", "adopted", "order",
+        "recipe", "paper_top1", "paper_gflops", "adopted", "order", "roadmap", "roadmap_steps", "without", "base_bar",
     ]  # fmt: skip
     return pd.DataFrame(rows, columns=columns).reset_index(drop=True)
 
@@ -295,9 +368,24 @@ def _title(ref: Step | None, bar, regime: str) -> str:
     return ref.title.replace("ResNet-50", "ResNet-200") if regime == "r200" else ref.title
 
 
-def _summary_row(regime: str, bar: str, runs: pd.DataFrame) -> dict:
-    """The summary row of one (regime, bar) from its runs (possibly none)."""
-    ref = paper_step(bar)
+def _summary_row(regime: str, bar: str, runs: pd.DataFrame, roadmap: str = PAPER, order: str = "") -> dict:
+    """The summary row of one (regime, roadmap, bar) from its runs (possibly none)."""
+    without = runs["without"].iloc[0] if len(runs) and "without" in runs.columns else ""
+    base = runs["base_bar"].iloc[0] if len(runs) and "base_bar" in runs.columns else bar
+    ref = paper_step(base)
+    title = _title(ref, base, regime)
+    paper_top1 = ref.top1.get(regime, NAN) if ref else NAN
+    paper_gflops = ref.gflops.get(regime, NAN) if ref else NAN
+    if without:  # ConvNeXt without a step: no paper bar; the leave-one-out table compares it with the paper's gain
+        title = f"{title} without " + ", ".join(_title(paper_step(w), w, regime) for w in _without_of(without))
+        paper_top1 = paper_gflops = NAN
+    elif roadmap != PAPER and base in STEPS:
+        # on another order a step's model is the paper's only where the same set of steps is switched on
+        steps = _steps_of(order)
+        on = set(steps[: steps.index(base) + 1]) if base in steps else None
+        same = next((s for i, s in enumerate(STEPS) if set(STEPS[: i + 1]) == on), None)
+        paper_top1 = paper(same).top1.get(regime, NAN) if same else NAN
+        paper_gflops = paper(same).gflops.get(regime, NAN) if same else NAN
     finished = runs[runs["status"] == "finished"]
     running = runs[runs["status"] == "running"]
     top1 = pd.to_numeric(finished["top1"], errors="coerce").dropna()
@@ -312,14 +400,14 @@ def _summary_row(regime: str, bar: str, runs: pd.DataFrame) -> dict:
         status = "broken"
     else:
         status = "missing"
-    default_step = VARIANTS[bar][0] if bar in VARIANTS else bar
+    default_step = VARIANTS[base][0] if base in VARIANTS else base
     step = runs["step"].dropna().iloc[0] if runs["step"].notna().any() else default_step
     complexity_src = finished if n else runs  # a running run's complexity.json is as good as a finished one's
     return {
         "regime": regime,
         "bar": bar,
         "step": step,
-        "title": _title(ref, bar, regime),
+        "title": title,
         "status": status,
         "gflops": _first(complexity_src["gflops"]),
         "gflops_total": _first(complexity_src["gflops_total"]),
@@ -337,14 +425,18 @@ def _summary_row(regime: str, bar: str, runs: pd.DataFrame) -> dict:
         "profile": ",".join(sorted(map(str, runs["profile"].dropna().unique()))),
         "data": ",".join(sorted(map(str, runs["data"].dropna().unique()))),
         "recipe": ",".join(sorted(map(str, runs["recipe"].dropna().unique()))),
-        "paper_top1": ref.top1.get(regime, NAN) if ref else NAN,
-        "paper_gflops": ref.gflops.get(regime, NAN) if ref else NAN,
+        "paper_top1": paper_top1,
+        "paper_gflops": paper_gflops,
         "adopted": ref.adopted if ref else True,
-        "order": bar_order(bar),
+        "order": row_order(bar, roadmap, order, without, base),
+        "roadmap": roadmap,
+        "roadmap_steps": order,
+        "without": without,
+        "base_bar": base,
     }
 
 
 __all__ = [
-    "FIGURE_ORDER", "bar_order", "collect", "find_run_dirs", "load_run", "paper_step", "portable", "read_results_csv",
-    "results_csv", "summarize",
+    "FIGURE_ORDER", "bar_order", "collect", "find_run_dirs", "groups", "is_roadmap", "load_run", "paper_step",
+    "portable", "read_results_csv", "results_csv", "row_order", "summarize",
 ]  # fmt: skip

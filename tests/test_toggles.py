@@ -212,3 +212,100 @@ def test_complexity_of_toggles_before_training():
     assert ratio["paper_d_gflops"] == pytest.approx(-(4.53 - 4.09))  # Table 10: stage ratio 4.09 -> 4.53
     assert main(["--without", "gelux"]) == 2
     assert main(["--without", "gelu", "--img-size", "64", "--num-classes", "10"]) == 0
+
+
+def fake_run(root: Path, step: str, seed: int, top1: float, gflops: float, without=(), roadmap=None) -> Path:
+    """A finished run folder as run_ablation writes it (config.yaml, summary.json), toggles included."""
+    import json
+
+    import yaml
+
+    name = step + _suffix("", list(without), roadmap["name"] if roadmap else "paper")
+    run = root / name / f"seed{seed}"
+    run.mkdir(parents=True)
+    cfg = {"step": step, "bar": step, "seed": seed, "regime": {"name": "r50"}, "profile": "cpu",
+           "data": {"name": "fashion_mnist"}, "train": {"name": "modern", "epochs": 2}}  # fmt: skip
+    if without:
+        cfg["without"] = list(without)
+    if roadmap:
+        cfg["roadmap"] = roadmap
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    summary = {"status": "finished", "top1": top1, "gflops": gflops, "params": 1, "paper_params": 2, "epochs": 2}
+    (run / "summary.json").write_text(json.dumps(summary))
+    return run
+
+
+def test_leave_one_out_table_and_figure(tmp_path):
+    import pandas as pd
+
+    from analysis import analyze
+
+    full, gelu, ratio = [88.0, 88.4, 88.2], [87.0, 87.5, 87.3], [88.9, 89.0, 89.4]
+    for seed in range(3):
+        fake_run(tmp_path, FULL, seed, full[seed], 4.456)
+        fake_run(tmp_path, FULL, seed, gelu[seed], 4.456, without=["gelu"])
+        fake_run(tmp_path, FULL, seed, ratio[seed], 3.990, without=["stage_ratio"])
+    written = analyze(tmp_path)
+    assert {"leave_one_out.csv", "leave_one_out.md", "leave_one_out.png", "leave_one_out.svg"} <= set(written)
+    assert "roadmap.png" not in written and "fidelity.json" not in written  # no roadmap was walked here
+    loo = pd.read_csv(tmp_path / "leave_one_out.csv", keep_default_na=False).set_index("without")
+    assert list(loo.index) == ["stage_ratio", "gelu"]  # roadmap order
+    se = ((pd.Series(full).std() ** 2 + pd.Series(gelu).std() ** 2) / 3) ** 0.5
+    row = loo.loc["gelu"]
+    assert row["top1_contribution"] == pytest.approx(sum(full) / 3 - sum(gelu) / 3)
+    assert row["top1_contribution_se"] == pytest.approx(se) and row["n"] == row["full_n"] == 3
+    assert row["paper_top1_gain"] == pytest.approx(80.62 - 80.57) and row["gflops_contribution"] == 0
+    ratio_row = loo.loc["stage_ratio"]
+    assert ratio_row["top1_contribution"] < 0 and ratio_row["gflops_contribution"] == pytest.approx(0.466)
+    assert ratio_row["paper_top1_gain"] == pytest.approx(79.36 - 78.82) and ratio_row["paper_gflops_gain"] == 0.44
+    svg = (tmp_path / "leave_one_out.svg").read_text()
+    assert svg.count('id="loo:') == 2 and 'id="loo:gelu"' in svg
+    md = (tmp_path / "leave_one_out.md").read_text()
+    assert "| ReLU ➝ GELU | 87.27 ± 0.25 | 3 | +0.93 ± 0.19 | +0.05 |" in md
+    for name in ("leave_one_out.csv", "leave_one_out.md", "results.csv", "results.md", "summary.csv"):
+        assert str(tmp_path) not in (tmp_path / name).read_text(), name  # no absolute path in any output
+
+
+def test_custom_roadmap_is_drawn_in_its_order(tmp_path):
+    import pandas as pd
+
+    from analysis import analyze
+
+    roadmap = {"name": "micro_first", "steps": MICRO_FIRST}
+    for i, step in enumerate(["baseline", "gelu", "stage_ratio", "large_kernel", FULL]):
+        fake_run(tmp_path, step, 0, 80.0 + i, 4.0, roadmap=roadmap)
+    written = analyze(tmp_path)
+    assert "roadmap.png" in written and "fidelity.json" not in written
+    summary = pd.read_csv(tmp_path / "summary.csv").set_index("bar")
+    assert list(summary.sort_values("order").index) == MICRO_FIRST  # every step, missing ones included
+    assert (summary["roadmap"] == "micro_first").all() and summary.loc["fewer_norms", "status"] == "missing"
+    # the paper's number only where the same steps are switched on: baseline, kernel 7 (= paper's BN->LN), the end
+    paper = summary["paper_top1"].dropna()
+    assert paper.to_dict() == {"baseline": 78.8, "large_kernel": 81.5, FULL: 82.0}
+    svg = (tmp_path / "roadmap.svg").read_text()
+    order = sorted(MICRO_FIRST, key=lambda b: svg.index(f'id="bar:{b}"'))
+    assert order == MICRO_FIRST and "micro_first" in svg
+
+
+def test_leave_one_out_sweep_config_lists_every_removable_step():
+    params = OmegaConf.load(ROOT / "conf/sweep/leave_one_out.yaml").hydra.sweeper.params
+    assert params.step == FULL and params.seed == "0,1,2"
+    assert params.without == ",".join(f"[{s}]" for s in ["", *STEPS[1:]])
+
+
+@pytest.mark.slow
+def test_smoke_leave_one_out_sweep_ends_with_the_figure(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "run_ablation.py", "+sweep=leave_one_out", "profile=smoke", "data=synthetic", "seed=0",
+         "without=[],[gelu],[stage_ratio]", "logger=none", f"hydra.sweep.dir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    for name in ("leave_one_out.png", "leave_one_out.svg", "leave_one_out.md", "leave_one_out.csv", "results.csv"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    for folder in (FULL, f"{FULL}_without=gelu", f"{FULL}_without=stage_ratio"):
+        assert (tmp_path / folder / "seed0" / "summary.json").exists(), folder
+    svg = (tmp_path / "leave_one_out.svg").read_text()
+    assert svg.count('id="loo:') == 2
+    ratio = OmegaConf.load(tmp_path / f"{FULL}_without=stage_ratio" / "seed0" / "config.yaml")
+    assert list(ratio.model.depths) == [3, 4, 6, 3] and ratio.model.width_mult == 0.125
