@@ -2,6 +2,7 @@
 
 python -m ablations.benchmark [--steps baseline,separate_downsampling] [--regime r50] [--device auto|cpu|cuda]
     [--batch-size N] [--img-size 224] [--modes fp32,bf16] [--channels-last] [--compile] [--tf32 off|on] [--flops]
+    [--clock wall|process]
     [--csv PATH] [--markdown docs/benchmark.md]
 
 Every model is built once per dtype mode and measured in the same process, interleaved (repeat r visits every
@@ -15,6 +16,11 @@ TF32 and timm's nn.Linear MLP in full fp32), and cudnn.benchmark on CUDA. With -
 its own Dynamo cache (or under a raised recompile limit), so the many models of one process never hit Dynamo's
 recompile limit, which silently falls back to eager; the `compiled` column says whether each model really ran
 compiled code in every call.
+
+On a shared CPU machine (other jobs running) wall time measures the neighbours as much as the model:
+`--clock process` times with this process's CPU time instead (all its threads together), so the figures are
+images per CPU-second and the ours/timm ratios stay meaningful under load; run it with OMP_NUM_THREADS=1 for the
+least interference. CPU only (on CUDA the host's CPU time says nothing about the GPU's).
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ TIMM_REFS = {
     "r200": (("resnet200", "baseline"), ("convnext_base", "separate_downsampling")),
 }
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}  # process: CPU seconds of this process
 TARGET = {"cpu": 0.95, "cuda": 1.0}  # ours / timm throughput we aim for
 CSV_COLUMNS = [
     "model",
@@ -126,8 +133,10 @@ class _Runner:
         channels_last: bool,
         compile: bool,
         compile_backend: str = "inductor",
+        clock: Callable[[], float] = time.perf_counter,
     ):
         self.device, self.batch_size, self.img_size, self.num_classes = device, batch_size, img_size, num_classes
+        self.clock = clock
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.params = sum(p.numel() for p in model.parameters())
         self.in_chans = _in_chans(model)
@@ -199,11 +208,11 @@ class _Runner:
         for _ in range(warmup):
             step()
         _sync(self.device)
-        t = time.perf_counter()
+        t = self.clock()
         for _ in range(iters):
             step()
         _sync(self.device)
-        return self.batch_size * iters / (time.perf_counter() - t)
+        return self.batch_size * iters / (self.clock() - t)
 
 
 def _graph_count() -> int:
@@ -267,23 +276,36 @@ def benchmark(
     tf32: bool = False,
     progress: bool | None = None,
     compile_backend: str = "inductor",
+    clock: str = "wall",
 ) -> pd.DataFrame:
     """Median train and infer images/s of every model (name -> builder), interleaved over `repeats`; one row each.
 
     All models stay built (with their AdamW state) across repeats, so each is built and compiled once; only the
     per-visit tensors are freed between models. With `compile`, the first visit warms up at least twice per loop so
     that compilation never lands in a timed iteration, and `compiled` says whether it really ran compiled. `tf32`
-    applies to matmuls and convs alike, for every model (see backend_settings).
+    applies to matmuls and convs alike, for every model (see backend_settings). `clock` "process" times with this
+    process's CPU time (CPU only), so neighbours on a shared machine do not count.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     device = torch.device(device)
+    if clock not in CLOCKS or (clock == "process" and device.type != "cpu"):
+        raise ValueError(f"clock must be one of {sorted(CLOCKS)} ('process' on CPU only), got {clock!r} on {device}")
     with backend_settings(device, tf32, compile, len(models)):
         runners = {}
         for name, make in models.items():
             torch.manual_seed(0)  # identical random init across runs: the kernels then see the same numbers
             runners[name] = _Runner(
-                make(), device, batch_size, img_size, num_classes, dtype, channels_last, compile, compile_backend
+                make(),
+                device,
+                batch_size,
+                img_size,
+                num_classes,
+                dtype,
+                channels_last,
+                compile,
+                compile_backend,
+                CLOCKS[clock],
             )
         train: dict[str, list[float]] = {n: [] for n in runners}
         infer: dict[str, list[float]] = {n: [] for n in runners}
@@ -491,6 +513,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=True,
         help="measure timm's reference models too (needed for the ratios)",
     )
+    ap.add_argument(
+        "--clock",
+        default="wall",
+        choices=sorted(CLOCKS),
+        help="wall (default) or process: this process's CPU time, for a CPU shared with other jobs (CPU only)",
+    )
     ap.add_argument("--flops", action="store_true", help="also time fvcore counting of the roadmap table at 224px")
     ap.add_argument("--csv", help="default runs/benchmark/benchmark_<device>_<timestamp>.csv")
     ap.add_argument("--markdown", help="also write the tables as Markdown here (e.g. docs/benchmark.md)")
@@ -528,6 +556,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.device == "auto"
         else args.device
     )
+    if args.clock == "process" and device.type != "cpu":
+        print(
+            f"benchmark: error: --clock process measures CPU time, not {device.type}: add --device cpu", file=sys.stderr
+        )
+        return 2
     d = DEFAULTS[device.type]
     batch = args.batch_size or d["batch_size"]
     warmup = d["warmup"] if args.warmup is None else args.warmup
@@ -546,7 +579,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"regime {args.regime}; batch {batch}; img {args.img_size}; classes {args.num_classes}; "
         f"modes {','.join(dtypes)}; channels_last {args.channels_last}; compile {args.compile}; "
         f"tf32 {args.tf32} (matmuls and convs); cudnn.benchmark {device.type == 'cuda'}; "
-        f"repeats {args.repeats} x (warmup {warmup} + iters {iters}), median",
+        f"repeats {args.repeats} x (warmup {warmup} + iters {iters}), median; clock {args.clock}"
+        + (" (images per CPU-second of this process)" if args.clock == "process" else ""),
         f"command: {command}",
     ]
     print("\n".join(header), flush=True)
@@ -570,6 +604,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             compile=args.compile,
             tf32=tf32,
             progress=False if args.no_progress else None,
+            clock=args.clock,
         )
         df = add_ratios(df, args.regime)
         frames.append(df)

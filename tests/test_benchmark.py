@@ -302,3 +302,24 @@ def test_benchmark_cuda_bf16_channels_last():
     )
     _check_rows(df, list(models))
     assert set(df["mode"]) == {"bf16+cl"} and (df["channels_last"]).all()
+
+
+def test_process_clock_counts_cpu_time_not_waiting():
+    # --clock process: a step that only waits (as on a machine busy with other jobs) costs no CPU time, so it
+    # reads as far faster than by the wall clock, which counts the wait in full.
+    import time
+
+    runners = {
+        clock: bm._Runner(torch.nn.Conv2d(3, 2, 1), torch.device("cpu"), 4, 8, 10, "fp32", False, False, clock=fn)
+        for clock, fn in bm.CLOCKS.items()
+    }
+    wall = runners["wall"]._time(lambda: time.sleep(0.05), 0, 2)
+    process = runners["process"]._time(lambda: time.sleep(0.05), 0, 2)
+    assert wall == pytest.approx(4 * 2 / 0.1, rel=0.5)  # 4 images x 2 iterations in 0.1 s
+    assert process > 20 * wall
+    with pytest.raises(ValueError, match="process"):
+        bm.benchmark({}, device="cuda", clock="process")
+    p = _cli("--steps", "baseline", "--clock", "process", "--device", "cpu", "--batch-size", "2", "--img-size", "32",
+             "--repeats", "1", "--iters", "1", "--warmup", "0", "--no-timm", "--csv", os.devnull)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert "clock process (images per CPU-second of this process)" in p.stdout
