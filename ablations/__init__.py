@@ -170,6 +170,14 @@ def table10_gflops(name: str) -> float | None:
     return TABLE10_GFLOPS.get(name)
 
 
+def table10_gflops_gain(step: str) -> float | None:
+    """GFLOPs `step` adds on the paper's r50 roadmap (Table 10, misprints corrected); None for baseline or unknowns."""
+    if step not in STEPS or step == STEPS[0]:
+        return None
+    now, before = table10_gflops(step), table10_gflops(STEPS[STEPS.index(step) - 1])
+    return None if now is None or before is None else now - before
+
+
 def paper(name: str) -> Step:
     """The Step (with the paper's numbers) for a step or variant name."""
     return BY_NAME.get(name) or VARIANTS[name][2]

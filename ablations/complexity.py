@@ -15,8 +15,8 @@ import time
 import torch
 from fvcore.nn import ActivationCountAnalysis, FlopCountAnalysis
 
-from ablations import ROADMAP, TABLE10_GFLOPS, TABLE10_MISPRINTS, VARIANTS, paper, table10_gflops
-from models import STEPS, ConfigError, build_model
+from ablations import ROADMAP, TABLE10_GFLOPS, TABLE10_MISPRINTS, VARIANTS, paper, table10_gflops_gain
+from models import ConfigError, build_model
 from models.roadmap import active_steps
 
 PAPER_OPS = ("conv", "linear")  # the paper counts multiply-adds of conv and linear layers only
@@ -66,14 +66,6 @@ def roadmap_rows(regime: str = "r50", img_size: int = 224, num_classes: int = 10
         }
 
 
-def paper_gflops_gain(step: str) -> float | None:
-    """What `step` adds to the GFLOPs on the paper's r50 roadmap (Table 10, misprints corrected); None for baseline."""
-    i = STEPS.index(step)
-    if i == 0:
-        return None
-    return table10_gflops(step) - table10_gflops(STEPS[i - 1])
-
-
 def toggle_rows(
     step: str = "separate_downsampling",
     withouts: list[tuple[str, ...]] | None = None,
@@ -92,7 +84,7 @@ def toggle_rows(
     yield {"name": f"{step} (full)", "without": (), **full, "d_params": 0, "d_gflops": 0.0, "paper_d_gflops": None}
     for without in withouts:
         c = complexity(build_model(step, regime, num_classes=num_classes, without=without), img_size)
-        gain = paper_gflops_gain(without[0]) if len(without) == 1 and regime == "r50" else None
+        gain = table10_gflops_gain(without[0]) if len(without) == 1 and regime == "r50" else None
         yield {
             "name": f"without {'+'.join(without)}",
             "without": tuple(without),

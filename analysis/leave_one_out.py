@@ -19,7 +19,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from ablations import table10_gflops
+from ablations import table10_gflops_gain
 from analysis.fidelity import PAPER_TOP1
 from analysis.figure import ARCH, STYLE, _colour, _fmt, _isnum, _new_figure, _save, _subtitle
 from analysis.runs import paper_step
@@ -41,10 +41,8 @@ def paper_gain(step: str, regime: str) -> tuple[float, float]:
     prev = STEPS[STEPS.index(step) - 1]
     top1 = PAPER_TOP1.get(regime, {})
     d_top1 = round(top1[step] - top1[prev], 2) if step in top1 and prev in top1 else math.nan
-    d_gflops = math.nan
-    if regime == "r50" and table10_gflops(step) is not None and table10_gflops(prev) is not None:
-        d_gflops = round(table10_gflops(step) - table10_gflops(prev), 2)
-    return d_top1, d_gflops
+    gain = table10_gflops_gain(step) if regime == "r50" else None
+    return d_top1, math.nan if gain is None else round(gain, 2)
 
 
 def _num(x) -> float:
