@@ -63,6 +63,16 @@ def _without_of(without) -> list[str]:
     return [w for w in without.split("+") if w] if isinstance(without, str) else []
 
 
+def _fill_toggles(df: pd.DataFrame) -> None:
+    """In place: toggle columns of frames from before toggles (or built by hand) as the paper's roadmap, nothing left
+    out, the bar its own base bar."""
+    for col, default in (("roadmap", PAPER), ("roadmap_steps", ",".join(STEPS)), ("without", "")):
+        values = df[col] if col in df.columns else [None] * len(df)
+        df[col] = [v if isinstance(v, str) and (v or col == "without") else default for v in values]
+    bases = df["base_bar"] if "base_bar" in df.columns else [None] * len(df)
+    df["base_bar"] = [b if isinstance(b, str) and b else bar for b, bar in zip(bases, df["bar"])]
+
+
 def row_order(bar, roadmap=PAPER, roadmap_steps=None, without=None, base_bar=None) -> float:
     """Figure position of a run's bar: the paper's figure order, a custom roadmap's own order, and a leave-one-out
     bar right after its full model, ordered by where its left-out step sits on the roadmap."""
@@ -245,11 +255,7 @@ def read_results_csv(path: str | Path) -> pd.DataFrame:
     df["run_dir"] = [os.path.normpath(base / str(d)) for d in df["run_dir"]]  # an absolute run_dir stays as it is
     df["error"] = [e if isinstance(e, str) else "" for e in df["error"]]
     df["seed"] = [None if math.isnan(_num(x)) else int(_num(x)) for x in df["seed"]]
-    # tables from before toggles: the paper's roadmap, nothing left out
-    df["roadmap"] = [r if isinstance(r, str) and r else PAPER for r in df["roadmap"]]
-    df["roadmap_steps"] = [",".join(_steps_of(r)) for r in df["roadmap_steps"]]
-    df["without"] = [w if isinstance(w, str) else "" for w in df["without"]]
-    df["base_bar"] = [b if isinstance(b, str) and b else bar for b, bar in zip(df["base_bar"], df["bar"])]
+    _fill_toggles(df)
     df["order"] = [  # the figure order of today's code, not of the writer's
         row_order(*a) for a in zip(df["bar"], df["roadmap"], df["roadmap_steps"], df["without"], df["base_bar"])
     ]
@@ -329,12 +335,7 @@ def summarize(df: pd.DataFrame, fill_missing: bool = True) -> pd.DataFrame:
     """
     df = df[df["bar"].notna()].copy()
     df["regime"] = df["regime"].fillna("unknown")
-    # frames from before toggles (or built by hand): the paper's roadmap, nothing left out
-    for col, default in (("roadmap", PAPER), ("roadmap_steps", ",".join(STEPS)), ("without", "")):
-        values = df[col] if col in df.columns else [None] * len(df)
-        df[col] = [v if isinstance(v, str) and (v or col == "without") else default for v in values]
-    bases = df["base_bar"] if "base_bar" in df.columns else [None] * len(df)
-    df["base_bar"] = [b if isinstance(b, str) and b else bar for b, bar in zip(bases, df["bar"])]
+    _fill_toggles(df)
     rows = []
     for regime, roadmap in groups(df):
         sub = df[(df["regime"] == regime) & (df["roadmap"] == roadmap)]
