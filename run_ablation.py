@@ -12,7 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from ablations.config import PAPER, register, toggles
+from ablations.config import PAPER, left_out, register, toggles
 from models import STEPS, ConfigError
 
 register()
@@ -24,8 +24,9 @@ def _plain(cfg) -> dict:
     d = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in IGNORED}
     # default toggles are left out, so a default run's config.yaml is what it was before toggles existed (and a
     # finished run from then is still recognised and reused)
-    if not d.get("without"):
-        d.pop("without", None)
+    d["without"] = left_out(d.get("without"))  # [a,b] and [b,a] are the same run
+    if not d["without"]:
+        d.pop("without")
     roadmap = d.get("roadmap")
     if isinstance(roadmap, dict) and roadmap.get("name") == PAPER and tuple(roadmap.get("steps") or ()) == STEPS:
         d.pop("roadmap")

@@ -123,6 +123,13 @@ def _list(value) -> list:
     return list(OmegaConf.to_container(value) if OmegaConf.is_config(value) else value)
 
 
+def left_out(without) -> list[str]:
+    """The left-out steps in one canonical form (paper order, each once), so without=[a,b] and [b,a] name the same
+    run folder, config and figure bar. Names that are not steps stay, last (toggles() rejects them)."""
+    names = dict.fromkeys(map(str, _list(without)))
+    return sorted(names, key=lambda n: STEPS.index(n) if n in STEPS else len(STEPS))
+
+
 def toggles(cfg) -> dict:
     """The run's step, regime, roadmap order (None for the paper's) and left-out steps, validated (ConfigError)."""
     name = OmegaConf.select(cfg, "roadmap.name", default=PAPER)
@@ -135,7 +142,7 @@ def toggles(cfg) -> dict:
         )
     order = None if tuple(steps) == STEPS else roadmap_order(steps)
     regime = Regime(**OmegaConf.to_container(cfg.regime, resolve=True))
-    without = _list(OmegaConf.select(cfg, "without", default=None))
+    without = left_out(OmegaConf.select(cfg, "without", default=None))
     return {
         "step": cfg.step,
         "regime": regime,
@@ -154,14 +161,14 @@ def _model_field(name: str, *, _root_) -> Any:
 def toggle_items(without, roadmap: str | None) -> list[str]:
     """The toggles as run-folder items: roadmap=<name> (not for the paper's), without=<a>+<b> (when any)."""
     items = [f"roadmap={roadmap}"] if roadmap and roadmap != PAPER else []
-    left_out = _list(without)
-    return items + (["without=" + "+".join(map(str, left_out))] if left_out else [])
+    steps = left_out(without)
+    return items + (["without=" + "+".join(steps)] if steps else [])
 
 
 def toggle_label(bar: str, without) -> str:
     """A figure bar's label with its left-out steps: separate_downsampling_without=gelu (the folder's name too)."""
-    left_out = _list(without)
-    return f"{bar}_without={'+'.join(map(str, left_out))}" if left_out else bar
+    steps = left_out(without)
+    return f"{bar}_without={'+'.join(steps)}" if steps else bar
 
 
 def _suffix(override_dirname: str, without=None, roadmap: str | None = None) -> str:

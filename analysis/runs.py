@@ -12,7 +12,7 @@ import pandas as pd
 import yaml
 
 from ablations import ROADMAP, VARIANTS, Step, paper
-from ablations.config import PAPER, toggle_label
+from ablations.config import PAPER, left_out, toggle_label
 from models import STEPS
 
 # Figure order, top to bottom: the recipe bar, then the roadmap, with the non-adopted kernels next to the adopted one.
@@ -167,7 +167,7 @@ def load_run(run_dir: str | Path) -> dict:
         cfg = {}
     step = cfg.get("step")
     roadmap = cfg.get("roadmap") if isinstance(cfg.get("roadmap"), dict) else {}
-    without = [str(w) for w in cfg.get("without") or []] if isinstance(cfg.get("without") or [], list) else []
+    without = left_out(cfg.get("without")) if isinstance(cfg.get("without") or [], (list, str)) else []
     row.update(
         step=step,
         bar=cfg.get("bar") or step,  # old runs have no bar key: then the bar is the step

@@ -165,6 +165,22 @@ def test_folder_names_name_the_toggles_and_keep_default_names():
     assert toggle_label(FULL, ["gelu"]) == "separate_downsampling_without=gelu" and toggle_label(FULL, []) == FULL
 
 
+def test_the_order_of_left_out_steps_does_not_make_another_run(tmp_path):
+    """without=[bn_to_ln,gelu] is without=[gelu,bn_to_ln]: same folder, same config.yaml, same figure bar."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from analysis.runs import load_run
+    from run_ablation import _plain
+
+    assert _suffix("", ["bn_to_ln", "gelu", "gelu"], "paper") == _suffix("", ["gelu", "bn_to_ln"], "paper")
+    assert toggle_label(FULL, ["bn_to_ln", "gelu"]) == f"{FULL}_without=gelu+bn_to_ln"
+    plain = {w: _plain(OmegaConf.create({"step": FULL, "without": list(w)})) for w in [("bn_to_ln", "gelu"), ("gelu", "bn_to_ln")]}
+    assert plain[("bn_to_ln", "gelu")] == plain[("gelu", "bn_to_ln")] == {"step": FULL, "without": ["gelu", "bn_to_ln"]}
+    run = fake_run(tmp_path, FULL, 0, 87.0, 0.006, without=("bn_to_ln", "gelu"))  # config.yaml in the given order
+    assert run.parent.name == f"{FULL}_without=gelu+bn_to_ln"
+    row = load_run(run)
+    assert row["without"] == "gelu+bn_to_ln" and row["bar"] == f"{FULL}_without=gelu+bn_to_ln"
+
+
 @pytest.mark.parametrize(
     "args,expect",
     [
