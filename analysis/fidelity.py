@@ -326,8 +326,11 @@ def headline_text(h: dict) -> str:
     return _signed(h["value"]) + (f" ± {_plain(h['se'])}" if h.get("se") is not None else "")
 
 
+CAPTION_WIDTH = 150  # characters per line of the roadmap figure's fidelity box (about 180 fit at 9.5 pt in its 14 in)
+
+
 def fidelity_caption(rec: dict) -> str:
-    """The compact text box of the roadmap figure: one or two lines."""
+    """The compact text box of the roadmap figure: the four measures, wrapped to the figure's width."""
     if rec["paper"] is None:
         return f"vs paper: {rec['headline']['reason']}"
     h, b, rc, nf = rec["headline"], rec["big_step_signs"], rec["rank_correlation"], rec["noise_floor"]
@@ -347,8 +350,13 @@ def fidelity_caption(rec: dict) -> str:
         line2.append(f"correlations over {rc['n_steps']} of {rc['of']} steps")
     if rec["missing"]:
         line2.append(f"missing: {len(rec['missing'])} step{'s' * (len(rec['missing']) > 1)} short of seeds")
-    first = f"vs paper ({rec['paper'].split(' (')[0]}): " + " · ".join(parts)
-    return first + ("\n" + " · ".join(line2) if line2 else "")
+    lines = [f"vs paper ({rec['paper'].split(' (')[0]}): " + parts[0]]
+    for part in parts[1:]:  # wrapped to the figure's width: a new line rather than text cut off at its edge
+        if len(lines[-1]) + 3 + len(part) > CAPTION_WIDTH:
+            lines.append(part)
+        else:
+            lines[-1] += " · " + part
+    return "\n".join(lines + ([" · ".join(line2)] if line2 else []))
 
 
 def fidelity_markdown(records: list[dict]) -> str:

@@ -258,7 +258,7 @@ def _roadmap_figure(
             color="black" if finished.iloc[i] else "grey",
         )
         axt.text(
-            0.60,
+            0.50,
             i,
             _fmt(row["gflops"], 2 if _isnum(row["gflops"]) and row["gflops"] < 10 else 1),
             va="center",
@@ -289,7 +289,7 @@ def _roadmap_figure(
     if not n:
         ax.text(0.5, 0.5, "no runs", transform=ax.transAxes, ha="center", va="center", color="grey")
 
-    _column_headers(axt, [(0.04, "left", "top-1"), (0.60, "left", "GFLOPs"), (0.97, "right", "n")] if n else [])
+    _column_headers(axt, [(0.04, "left", "top-1"), (0.50, "left", "GFLOPs"), (0.97, "right", "n")] if n else [])
 
     _paper_panel(axp, axpt, s, regime)
     name = (

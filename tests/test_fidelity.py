@@ -103,6 +103,9 @@ def test_reversed_trajectory():
     assert rec["rank_correlation"]["kendall"] == pytest.approx(-1)
     assert rec["big_step_signs"]["text"] == "0/7"
     assert rec["headline"]["value"] == pytest.approx(-3.15)
+    cap = fidelity_caption(rec)  # seven steps named: wrapped over three lines, every measure kept
+    assert cap.splitlines()[1].startswith("big-step signs 0/7 (✗ stage_ratio,") and cap.count("\n") == 2
+    assert cap.splitlines()[2] == "Spearman −1.00 · Kendall −1.00 · noise floor 0.10"
 
 
 def test_one_big_step_with_the_wrong_sign_is_named():
@@ -119,6 +122,14 @@ def test_one_big_step_with_the_wrong_sign_is_named():
     md = fidelity_markdown([rec])
     assert "6/7; opposite sign: depthwise_conv" in md and "| depthwise_conv | −1.23 | +1.23 | **no** |" in md
     assert "✗ depthwise_conv" in fidelity_caption(rec)
+    # the sweep of 2026-11-22 (three steps named) was cut off at the figure's edge in one line: now two that fit
+    changes[STEPS.index("large_kernel") - 1] = changes[STEPS.index("fewer_activations") - 1] = -0.5
+    means = [TABLE10[0]]
+    for c in changes:
+        means.append(means[-1] + c)
+    cap = fidelity_caption(record(three_seeds(means)))
+    assert "✗ depthwise_conv, large_kernel, fewer_activations" in cap and "noise floor 0.10" in cap
+    assert cap.count("\n") == 1 and max(map(len, cap.splitlines())) <= 150
 
 
 def test_headline_standard_error_with_three_seeds():
