@@ -31,7 +31,7 @@ run: setup
 # two workers on a 2-core machine (tests pin torch to one thread each); a file's tests stay on one worker
 test: setup
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -n auto --dist loadfile
+	$(BIN)/python -m pytest -q -n auto --dist loadfile --durations=10
 
 test-fast: setup  # the inner loop: everything but the multi-process / multi-epoch runs marked slow
 	$(BIN)/python -m pytest -q -n auto --dist loadfile -m "not slow"
