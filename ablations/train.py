@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import subprocess
 import time
 from contextlib import nullcontext
 from dataclasses import fields
@@ -360,6 +361,8 @@ def train(cfg, run_dir: str, gpu_index: int | None = None) -> dict:
         f"{t.batch_size} batch",
         epochs,
     )
+    code = code_version()
+    log.info("code: %s", code or "not a git checkout (version unknown)")
 
     # TensorBoard / W&B (rank 0): on resume, events an earlier sitting logged after the checkpoint are dropped
     done_steps = state.epoch * steps_per_epoch + state.step  # the global optimizer step of the checkpoint
@@ -499,6 +502,7 @@ def train(cfg, run_dir: str, gpu_index: int | None = None) -> dict:
         "world_size": world,
         "img_size": cfg.data.img_size,
         "num_classes": data.num_classes,
+        "code": code,  # git commit of the code that finished the run, "+dirty" with uncommitted changes; None
     }
     if info.is_main:
         write_json(paths["summary"], summary)
@@ -528,6 +532,22 @@ def _all_sum(x: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(x)
     return x
+
+
+def code_version() -> str | None:
+    """The git commit of this checkout ("<12 hex>", "+dirty" when tracked files differ from it), or None when the
+    code is not a git checkout or git is missing: so a result can be traced to the code that produced it."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        git = ["git", "-C", root]
+        sha = subprocess.run([*git, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=10)
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                               timeout=10)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def device_name(device: torch.device) -> str:

@@ -27,10 +27,11 @@ ORDER = {name: i for i, name in enumerate(FIGURE_ORDER)}
 RUN_COLUMNS = [
     "run_dir", "bar", "step", "seed", "regime", "profile", "data", "recipe", "status", "error", "top1", "top5",
     "params", "paper_params", "gflops", "gflops_total", "train_gflops", "epochs", "epochs_planned", "wall_s",
-    "device", "order", "roadmap", "roadmap_steps", "without", "base_bar",
+    "device", "order", "roadmap", "roadmap_steps", "without", "base_bar", "code",
 ]  # fmt: skip
 # toggles (issue 12): roadmap = name of the order step= walked (paper for the paper's), roadmap_steps = that order
 # comma-joined, without = the left-out steps "+"-joined ("" for none), base_bar = the bar before its toggles
+# code = the git commit the run finished with (summary.json; "+dirty": uncommitted changes), empty when unknown
 COMPLEXITY_KEYS = ("params", "paper_params", "gflops", "gflops_total", "train_gflops")
 NAN = float("nan")
 
@@ -208,6 +209,7 @@ def load_run(run_dir: str | Path) -> dict:
             if key in summary:
                 row[key] = _num(summary[key])
         row["device"] = summary.get("device", NAN)
+        row["code"] = summary.get("code") or NAN
         for key in ("step", "bar", "regime", "profile", "seed"):
             if row.get(key) is None and summary.get(key) is not None:  # e.g. config.yaml unreadable
                 row[key] = summary[key]
@@ -243,7 +245,7 @@ def read_results_csv(path: str | Path) -> pd.DataFrame:
     """The run rows of a results.csv written by analyze; relative run_dirs are resolved against the CSV's folder."""
     path = Path(path)
     try:
-        df = pd.read_csv(path)
+        df = pd.read_csv(path, dtype={"code": str})  # a commit of decimal digits only stays a string
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         raise ValueError(f"{path}: not a results table ({e})") from e
     if not {"run_dir", "bar", "status", "top1"} <= set(df.columns):

@@ -87,6 +87,7 @@ def write_run(
             "epochs": epochs,
             "wall_s": 12.5,
             "device": "cpu",
+            "code": "0123456789ab",
         }
         if status == "failed":
             summary["error"] = "RuntimeError: boom"
@@ -134,6 +135,7 @@ def test_collect_finished_failed_running(tmp_path):
     assert rows.loc["large_kernel_k5", "step"] == "large_kernel"
     assert rows.loc["large_kernel_k5", "gflops"] == 4.2  # from complexity.json, no summary yet
     assert rows.loc["baseline", "recipe"] == "modern" and rows.loc["baseline", "regime"] == "r50"
+    assert rows.loc["baseline", "code"] == "0123456789ab" and pd.isna(rows.loc["large_kernel_k5", "code"])
     assert list(df["bar"]) == ["baseline", "large_kernel_k5", "gelu"]  # figure order
 
 
@@ -331,8 +333,8 @@ def test_results_csv_is_an_input_and_merges(tmp_path, full_sweep):
     """A results.csv written elsewhere (--out) names runs relative to itself and redraws the same summary."""
     out = tmp_path / "docs"
     analyze([full_sweep], out_dir=out)
-    runs = pd.read_csv(out / "results.csv")
-    assert not runs["run_dir"].str.startswith("/").any()
+    runs = pd.read_csv(out / "results.csv", dtype={"code": str})
+    assert not runs["run_dir"].str.startswith("/").any() and (runs["code"] == "0123456789ab").all()
     assert all((out / d / "config.yaml").is_file() for d in runs["run_dir"])  # e.g. ../../sweep0/gelu/seed1
     redrawn = tmp_path / "redrawn"
     analyze([out], out_dir=redrawn)  # a folder with a results.csv and no run folder: the CSV is read

@@ -60,6 +60,11 @@ def test_recipe_runs_on_synthetic(tmp_path, recipe):
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["status"] == "finished" and s["recipe"] == recipe and s["epochs"] == 1
     assert s["gflops"] == pytest.approx(4.456, abs=1e-3) and 0 < s["train_gflops"] < 0.01
+    head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    if head.returncode == 0:  # a git checkout (CI's clean clone is one): the run names the code that produced it
+        assert s["code"] in (head.stdout.strip(), head.stdout.strip() + "+dirty")
+    else:
+        assert s["code"] is None
     assert s["top1"] == metrics(tmp_path)[-1]["top1"] and set(metrics(tmp_path)[0]) >= {
         "epoch",
         "train_loss",
