@@ -502,7 +502,7 @@ def train(cfg, run_dir: str, gpu_index: int | None = None) -> dict:
         "world_size": world,
         "img_size": cfg.data.img_size,
         "num_classes": data.num_classes,
-        "code": code,  # git commit of the code that finished the run, "+dirty" with uncommitted changes; None
+        "code": code,  # git commit of the code that finished the run ("+dirty": uncommitted changes; None: no git)
     }
     if info.is_main:
         write_json(paths["summary"], summary)
