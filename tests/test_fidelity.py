@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from itertools import accumulate
 
 import pandas as pd
 import pytest
@@ -112,10 +113,7 @@ def test_one_big_step_with_the_wrong_sign_is_named():
     """Same changes as the paper's except depthwise conv goes up by 1.23: 6/7, and depthwise_conv is named."""
     changes = [b - a for a, b in zip(TABLE10, TABLE10[1:])]
     changes[STEPS.index("depthwise_conv") - 1] = +1.23
-    means = [TABLE10[0]]
-    for c in changes:
-        means.append(means[-1] + c)
-    rec = record(three_seeds(means))
+    rec = record(three_seeds(list(accumulate(changes, initial=TABLE10[0]))))
     b = rec["big_step_signs"]
     assert b["text"] == "6/7" and b["disagree"] == ["depthwise_conv"]
     assert [r["agree"] for r in b["steps"]] == [r != "depthwise_conv" for r in BIG_R50]
@@ -124,10 +122,7 @@ def test_one_big_step_with_the_wrong_sign_is_named():
     assert "✗ depthwise_conv" in fidelity_caption(rec)
     # the sweep of 2026-11-22 (three steps named) was cut off at the figure's edge in one line: now two that fit
     changes[STEPS.index("large_kernel") - 1] = changes[STEPS.index("fewer_activations") - 1] = -0.5
-    means = [TABLE10[0]]
-    for c in changes:
-        means.append(means[-1] + c)
-    cap = fidelity_caption(record(three_seeds(means)))
+    cap = fidelity_caption(record(three_seeds(list(accumulate(changes, initial=TABLE10[0])))))
     assert "✗ depthwise_conv, large_kernel, fewer_activations" in cap and "noise floor 0.10" in cap
     assert cap.count("\n") == 1 and max(map(len, cap.splitlines())) <= 150
 
