@@ -368,6 +368,11 @@ class BatchAugment:
         x = self.geometry(x.float().div_(255), generator)  # timm: RandomResizedCrop + flip come first
         if self.randaug is not None:
             x = self.randaug(x.mul_(255).round_(), generator).div_(255)
+        return self.finish(x, y)
+
+    def finish(self, x: torch.Tensor, y: torch.Tensor):
+        """The batch stages after the per-image ones (x float in [0, 1]): normalisation, random erasing, Mixup/CutMix;
+        image-folder batches, cropped and RandAugmented by the loader's workers, start here (timm's prefetcher)."""
         x = normalize(x, self.mean, self.std)
         if self.erase is not None:
             x = self.erase(x)  # timm erases each image in its per-image transform, before batching

@@ -46,7 +46,7 @@ class DataConfig:
     download: bool = False  # let torchvision download when files are missing (needs internet)
     train_subset: Optional[int] = None  # use N training images, a fixed random choice (cpu proxy, tests)
     test_subset: Optional[int] = None  # use N test images (chosen the same way)
-    workers: int = 2  # DataLoader workers (image folders)
+    workers: Optional[int] = None  # DataLoader workers (image folders); null: this process's core share minus one
     mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     synthetic_size: int = 512  # images per split for data=synthetic
@@ -59,7 +59,8 @@ class TrainConfig:
     name: str = "modern"
     epochs: float = 300
     batch_size: int = 4096  # global batch (summed over processes and accumulation steps)
-    grad_accum: int = 1  # micro-batches per optimizer step
+    grad_accum: int = 1  # micro-batches per optimizer step (derived when batch_per_device is set)
+    batch_per_device: Optional[int] = None  # per-process micro-batch: grad_accum = batch / (processes x this)
     optimizer: str = "adamw"  # any timm.optim.create_optimizer_v2 name: adamw, sgd, lamb, ...
     lr: float = 4e-3  # at batch lr_base_batch
     lr_base_batch: int = 4096
@@ -68,7 +69,7 @@ class TrainConfig:
     momentum: float = 0.9  # sgd momentum / adamw beta1
     weight_decay: float = 0.05
     sched: str = "cosine"  # cosine | step
-    warmup_epochs: float = 20
+    warmup_epochs: float = 20  # cosine: linear from warmup_lr to lr over these, then cosine over the rest
     warmup_lr: float = 1e-6
     decay_epochs: float = 30  # step schedule: decay every N epochs
     decay_rate: float = 0.1
@@ -99,6 +100,8 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # bf16 autocast on CUDA
+    amp_cpu: bool = False  # bf16 autocast on CPU too (the GPU path's numerics on a CPU: tests; slow without AMX)
+    tf32: bool = True  # CUDA: TF32 for fp32 matmuls and cuDNN convs (timm's default); off: full fp32
     channels_last: bool = True  # memory format of model and batches
     compile: bool = False  # torch.compile the training model (CUDA)
     pretrained: Optional[str] = None  # local checkpoint to start from

@@ -1,7 +1,8 @@
 """Data sets: Fashion-MNIST (idx .gz), CIFAR-10/100 (torchvision format), image folders, synthetic.
 
 In-memory data sets are returned as uint8 tensors [N, C, H, W] + int64 labels and batched by TensorLoader;
-image folders go through torchvision's ImageFolder, timm's transforms and a DataLoader.
+image folders go through torchvision's ImageFolder, timm's transforms and a DataLoader whose workers hand over
+uint8 batches (timm's prefetcher convention), normalised and erased on the training device.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from ablations.augment import BatchAugment, eval_transform, fix_timm_posterize, parse_randaug
+from ablations.dist import ignore_stop_signals
 from models import ConfigError
 from models.layers import choice
 
@@ -247,7 +249,9 @@ class SeededSamples(torch.utils.data.Dataset):
 
 
 def image_folder(cfg, split: str, train_cfg=None):
-    """torchvision ImageFolder for root/<split>/<class>/* with timm's train or eval transform."""
+    """torchvision ImageFolder for root/<split>/<class>/* with timm's train or eval transform, ending in uint8 CHW
+    tensors (timm's `use_prefetcher` convention): normalisation and random erasing run on the training device, so
+    workers decode and crop only and a batch crosses shared memory as uint8, a quarter of float32."""
     from timm.data import create_transform
     from torchvision.datasets import ImageFolder
 
@@ -263,23 +267,20 @@ def image_folder(cfg, split: str, train_cfg=None):
             cfg.img_size,
             is_training=True,
             auto_augment=train_cfg.randaug or None,
-            re_prob=train_cfg.reprob,
-            re_mode="pixel",  # the paper's random erasing fills with per-pixel noise (timm's default is const)
             color_jitter=None,  # timm jitters colours unless RandAugment is on; neither recipe of the paper does
             hflip=train_cfg.hflip,
-            mean=tuple(cfg.mean),
-            std=tuple(cfg.std),
+            mean=tuple(cfg.mean),  # RandAugment's fill colour
             interpolation="bicubic",
+            use_prefetcher=True,  # uint8 out; random erasing (train.reprob) is BatchAugment's, on the device
         )
         fix_timm_posterize(tf)  # timm's PosterizeIncreasing can ask Pillow >= 10 for 0 bits, which raises
     else:
         tf = create_transform(
             cfg.img_size,
             is_training=False,
-            mean=tuple(cfg.mean),
-            std=tuple(cfg.std),
             crop_pct=0.875 if cfg.img_size >= 160 else 1.0,
             interpolation="bicubic",
+            use_prefetcher=True,  # uint8 out, normalised on the device
         )
     try:
         ds = ImageFolder(folder, transform=tf)  # its PIL loader converts grey and RGBA images to RGB
@@ -302,35 +303,38 @@ def subset_indices(cfg, split: str, total: int) -> torch.Tensor | None:
 
 
 # ---------------------------------------------------------------------------------------------- the run's feed
+def loader_workers(cfg) -> int:
+    """DataLoader workers per training process: data.workers, or this process's share of the cores minus the one
+    the training process itself runs on (dist.setup set torch's threads to that share), at least one."""
+    if cfg.workers is not None:
+        if cfg.workers < 0:
+            raise ConfigError(f"data.workers must be >= 0 (0: load in the training process), got {cfg.workers}")
+        return int(cfg.workers)
+    return max(1, torch.get_num_threads() - 1)
+
+
 class Data:
-    """A run's train and test feeds as device batches (images normalised, targets soft under Mixup/CutMix).
+    """A run's train and test feeds as device batches (images normalised, targets soft under Mixup/CutMix, in the
+    run's memory format).
 
     In-memory data sets are batched by TensorLoader and augmented on the device (BatchAugment); image folders are
-    decoded and augmented per sample by DataLoader workers (timm's transforms), Mixup/CutMix on the batch. The
-    augmenter is built for the class count actually found (an image folder's class folders), not the configured one.
-    Evaluation is sharded over ranks; `evaluate` sums the counts.
+    decoded, cropped and RandAugmented per sample by DataLoader workers (timm's transforms, uint8 out), then
+    normalised, erased and Mixed/CutMixed on the device (BatchAugment.finish, as timm's prefetch loader). The
+    augmenter is built for the class count actually found (an image folder's class folders), not the configured
+    one. Evaluation is sharded over ranks; `evaluate` sums the counts.
     """
 
     def __init__(self, cfg, device, rank: int, world: int, micro_batch: int):
         d, t = cfg.data, cfg.train
         self.cfg, self.device = d, device
+        self.memory_format = torch.channels_last if cfg.get("channels_last") else torch.contiguous_format
         if (t.mixup > 0 or t.cutmix > 0) and micro_batch % 2:
             raise ConfigError(
                 f"Mixup/CutMix need an even per-process batch, got {micro_batch} (train.batch_size / "
                 "(processes x train.grad_accum)); pick a batch size that gives an even micro-batch"
             )
         if d.in_memory:
-            train = load_tensors(d, "train", cfg.seed)
-            test = load_tensors(d, "test", cfg.seed)
-            top = int(max(train.labels.max(), test.labels.max()))
-            if top >= d.num_classes:
-                raise ConfigError(f"data={d.name} has label {top} but data.num_classes={d.num_classes}")
-            self.num_classes = d.num_classes
-            self.train = TensorLoader(train, micro_batch, device, True, True, rank, world, cfg.seed)
-            n = len(test)
-            shard = TensorData(test.images[rank::world], test.labels[rank::world]) if world > 1 else test
-            self.test = TensorLoader(shard, 256, device, False, False)
-            self.test_size = n
+            self._tensors(cfg, micro_batch, rank, world)
         else:
             self._folders(cfg, micro_batch, rank, world)
         if len(self.train) == 0:
@@ -359,7 +363,22 @@ class Data:
             device=device,
         )
 
+    def _tensors(self, cfg, micro_batch, rank, world):
+        d = cfg.data
+        train = load_tensors(d, "train", cfg.seed)
+        test = load_tensors(d, "test", cfg.seed)
+        top = int(max(train.labels.max(), test.labels.max()))
+        if top >= d.num_classes:
+            raise ConfigError(f"data={d.name} has label {top} but data.num_classes={d.num_classes}")
+        self.num_classes = d.num_classes
+        self.train = TensorLoader(train, micro_batch, self.device, True, True, rank, world, cfg.seed)
+        shard = TensorData(test.images[rank::world], test.labels[rank::world]) if world > 1 else test
+        self.test = TensorLoader(shard, 256, self.device, False, False)
+        self.test_size = len(test)
+
     def _folders(self, cfg, micro_batch, rank, world):
+        from timm.data.loader import fast_collate
+
         d = cfg.data
         train_ds, test_ds = image_folder(d, "train", cfg.train), image_folder(d, "val")
         base = train_ds.dataset if isinstance(train_ds, torch.utils.data.Subset) else train_ds
@@ -371,19 +390,24 @@ class Data:
                 self.num_classes,
                 d.num_classes,
             )
-        pin = self.device.type == "cuda"
+        workers = loader_workers(d)
+        loader = dict(
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+            collate_fn=fast_collate,  # uint8 batches
+            worker_init_fn=ignore_stop_signals,  # a preemption signal reaches the trainer, not dead workers
+        )
         self.train = torch.utils.data.DataLoader(
             SeededSamples(train_ds),
             micro_batch,
             sampler=EpochSampler(len(train_ds), cfg.seed, rank, world),
-            num_workers=d.workers,
             drop_last=True,
-            pin_memory=pin,
-            persistent_workers=d.workers > 0,
+            persistent_workers=workers > 0,
+            **loader,
         )
         self.test_size = len(test_ds)
         shard = torch.utils.data.Subset(test_ds, range(rank, len(test_ds), world)) if world > 1 else test_ds
-        self.test = torch.utils.data.DataLoader(shard, 256, num_workers=d.workers, pin_memory=pin)
+        self.test = torch.utils.data.DataLoader(shard, 256, **loader)
 
     def batches_per_epoch(self) -> int:
         """Micro-batches per epoch and process (the drop-last count)."""
@@ -403,14 +427,13 @@ class Data:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             if self.cfg.in_memory:
                 x, y = self.augment(x, y)
-            elif self.augment.mixup is not None:
-                x, y = self.augment.mixup(x, y)
-            yield x, y
+            else:  # cropped and RandAugmented by the workers
+                x, y = self.augment.finish(x.float().div_(255), y)
+            yield x.contiguous(memory_format=self.memory_format), y
 
     def test_batches(self):
         """This rank's shard of the test split, normalised, on the device."""
         for x, y in self.test:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            if self.cfg.in_memory:
-                x = eval_transform(x, self.cfg.img_size, self.augment.mean, self.augment.std)
-            yield x, y
+            x = eval_transform(x, self.cfg.img_size, self.augment.mean, self.augment.std)
+            yield x.contiguous(memory_format=self.memory_format), y

@@ -2,13 +2,16 @@
 
 Run folder: config.yaml (resolved), complexity.json, metrics.jsonl (one line per finished epoch), summary.json,
 TensorBoard event files (logger=tensorboard: loss and lr every log_every steps, top-1/top-5 and img/s per epoch),
-last.pt (written atomically after every epoch, on SIGTERM / SIGUSR1 in the middle of one, and every
+last.pt (written atomically after every epoch, on SIGTERM / SIGUSR1 / Ctrl-C in the middle of one, and every
 train.ckpt_every_min minutes if set). Restarting in the same folder resumes from last.pt at the exact step; a
 finished run is reported, not redone.
 
-`train()` reads as set-up, epoch loop, checkpoint: the data feed lives in ablations.data, the loop's whole state
-(model, optimizer, scheduler, EMA, position in the epoch, partial epoch sums) in RunState, which saves and restores
-itself. Randomness needs no saved RNG state: every optimizer step reseeds from (seed, epoch, step, rank).
+`train()` reads as pycls's trainer does: `setup_run` (process, device, data, model, optimizer, schedule, EMA),
+`resume`, then per epoch `train_epoch` (steps: `train_step`, `log_point`, `save_or_stop`) and `end_epoch`
+(`eval_epoch` of the model and its EMA, the epoch's record, the checkpoint), and `write_summary`. The wiring lives
+in `Run`; everything resume needs (model, optimizer, scheduler, EMA, position in the epoch, partial epoch sums,
+history) in RunState, which saves and restores itself. Randomness needs no saved RNG state: every optimizer step
+reseeds from (seed, epoch, step, rank).
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import os
 import subprocess
 import time
 from contextlib import nullcontext
-from dataclasses import fields
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -28,11 +32,12 @@ from omegaconf import OmegaConf
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.utils import ModelEmaV3
+from timm.utils import ModelEmaV3, distribute_bn
 from tqdm import tqdm
 
 from ablations import dist as D
 from ablations.complexity import complexity
+from ablations.config import left_out
 from ablations.data import AUGMENT, Data, derive_seed, seed_all
 from ablations.tracking import Tracker, config_markdown
 from models import ConfigError, ModelConfig, RoadmapNet
@@ -89,6 +94,11 @@ def check_numbers(cfg) -> None:
     if t.lr <= 0:
         raise ConfigError(f"train.lr must be > 0, got {t.lr}")
     choice("train.sched", t.sched, ("cosine", "step"))
+    if t.sched == "cosine" and t.warmup_epochs >= t.epochs:
+        raise ConfigError(
+            f"train.warmup_epochs={t.warmup_epochs} leaves no epoch for the cosine decay of train.epochs={t.epochs}; "
+            "use fewer warm-up epochs"
+        )
     if cfg.log_every < 1:
         raise ConfigError(f"log_every must be >= 1 (optimizer steps), got {cfg.log_every}")
     if cfg.profile == "imagenet" and cfg.data.name != "imagefolder":
@@ -176,13 +186,16 @@ class RunState:
 def evaluate(model, data: Data, amp_ctx) -> tuple[float, float]:
     """Top-1 and top-5 (%) on the test split: each rank counts its shard, the counts are summed over ranks."""
     model.eval()
-    counts = torch.zeros(3, dtype=torch.int64, device=data.device)  # correct@1, correct@5, images
+    counts = torch.zeros(2, dtype=torch.int64, device=data.device)  # correct@1, correct@5
+    images = 0  # counted on the host: no host-to-device copy per batch
     for x, y in data.test_batches():
         with amp_ctx():
             out = model(x)
         top = out.float().topk(min(5, out.shape[1]), dim=1).indices
         hit = top == y[:, None]
-        counts += torch.stack([hit[:, 0].sum(), hit.any(1).sum(), torch.tensor(len(y), device=hit.device)])
+        counts += torch.stack([hit[:, 0].sum(), hit.any(1).sum()])
+        images += len(y)
+    counts = torch.cat([counts, torch.tensor([images], device=counts.device)])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(counts)
     model.train()
@@ -261,32 +274,165 @@ def _optimizer(model, t):
         raise ConfigError(f"train.optimizer={t.optimizer!r}: {e} (e.g. adamw, sgd, lamb)") from None
 
 
+# ------------------------------------------------------------------------------------------------- the run
+@dataclass(frozen=True)
+class BatchSplit:
+    """How the global batch is split: optimizer steps accumulate grad_accum micro-batches of `micro` per process."""
+
+    grad_accum: int
+    micro: int
+
+
+def batch_split(t, world: int) -> BatchSplit:
+    """train.batch_size over processes and micro-batches: train.batch_per_device fixes the micro-batch and grad_accum
+    follows (so one command is right on 1, 8 or 32 GPUs), else train.grad_accum fixes the accumulation."""
+    if t.batch_per_device:
+        per_step = world * t.batch_per_device
+        if t.batch_per_device < 1 or t.batch_size % per_step:
+            fits = [b for b in (512, 256, 128, 64, 32, 16, 8) if t.batch_size % (world * b) == 0]
+            raise ConfigError(
+                f"train.batch_size={t.batch_size} must be a multiple of processes x train.batch_per_device = "
+                f"{world} x {t.batch_per_device} = {per_step}, so that grad_accum is a whole number; "
+                f"batch_per_device values that divide here: {', '.join(map(str, fits)) or 'none of 8-512'}"
+            )
+        accum = t.batch_size // per_step
+        if t.grad_accum not in (1, accum):
+            raise ConfigError(
+                f"train.grad_accum={t.grad_accum} and train.batch_per_device={t.batch_per_device} disagree (the "
+                f"batch per device gives grad_accum {accum} on {world} processes): set one of them (the other null/1)"
+            )
+        return BatchSplit(accum, t.batch_per_device)
+    if t.batch_size % (world * t.grad_accum):
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} must divide by processes x grad_accum = {world} x {t.grad_accum}"
+        )
+    return BatchSplit(t.grad_accum, t.batch_size // (world * t.grad_accum))
+
+
+@dataclass
+class Run:
+    """One run's wiring, built once by setup_run: config, folder, process, device, data, model, optimisation, the
+    resumable RunState and the logger. The phases of train() read and update it."""
+
+    cfg: Any
+    run_dir: str
+    info: D.DistInfo
+    device: torch.device
+    split: BatchSplit
+    data: Data
+    model: RoadmapNet
+    train_model: torch.nn.Module
+    optimizer: Any
+    scheduler: Any
+    ema: ModelEmaV3 | None
+    criterion: Any
+    steps_per_epoch: int
+    cx: dict
+    state: RunState
+    t_start: float
+    model_cfg: dict  # the resolved model config, saved in every checkpoint
+    tracker: Tracker | None = None
+    code: str | None = None
+    last_save: float = field(default_factory=time.time)
+
+    @property
+    def epochs(self) -> int:
+        """Planned epochs."""
+        return int(self.cfg.train.epochs)
+
+    @property
+    def paths(self) -> dict:
+        """The run folder's files."""
+        return _paths(self.run_dir)
+
+    @property
+    def amp(self) -> bool:
+        """bf16 autocast: on CUDA with amp=true, on CPU only with amp_cpu=true too."""
+        return bool(self.cfg.amp and (self.device.type == "cuda" or self.cfg.get("amp_cpu")))
+
+    def autocast(self):
+        """The forward passes' autocast context (bf16, or disabled)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+
+    def checkpoint(self) -> None:
+        """Save the RunState (rank 0) with the run's wall time so far."""
+        if self.info.is_main:
+            wall = self.state.wall_s + time.time() - self.t_start
+            self.state.save(self.paths["ckpt"], self.model_cfg, wall)
+        self.last_save = time.time()
+
+    def agree(self, *flags: bool) -> list[bool]:
+        """Flags OR-ed over ranks (one collective under DDP), so every rank takes the same decision."""
+        if self.info.world == 1:
+            return [bool(f) for f in flags]
+        t = torch.tensor(flags, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [bool(v) for v in t.tolist()]
+
+
+class EpochMeter:
+    """The unfinished epoch's sums: the training loss summed over samples (a device tensor, this rank's; so the loop
+    never waits for the device), the images seen by all ranks, the epoch's time and the last logged point.
+    `partial()` / `EpochMeter(partial=...)` carry them through a mid-epoch checkpoint."""
+
+    def __init__(self, device, partial: dict | None = None, is_main: bool = True):
+        p = partial or {"loss_sum": 0.0, "seen": 0, "epoch_s": 0.0}
+        self.loss_sum = torch.tensor(p["loss_sum"] if is_main else 0.0, device=device)  # rank 0 holds the past
+        self.seen = int(p["seen"])
+        self.t0 = time.time() - p["epoch_s"]
+        self.logged = (float(p["loss_sum"]), self.seen)  # (loss sum, images) at the last logged point
+
+    def add(self, loss: torch.Tensor, n: int, world: int) -> None:
+        """One micro-batch of n images per rank."""
+        self.loss_sum += loss.detach() * n
+        self.seen += n * world
+
+    def total(self) -> float:
+        """The loss summed over every rank's samples (a host sync)."""
+        return _all_sum(self.loss_sum).item()
+
+    def elapsed(self) -> float:
+        """Seconds of this epoch, earlier sittings included."""
+        return time.time() - self.t0
+
+    def partial(self) -> dict:
+        """What a mid-epoch checkpoint keeps of the epoch."""
+        return {"loss_sum": self.total(), "seen": self.seen, "epoch_s": self.elapsed()}
+
+
 def train(cfg, run_dir: str, gpu_index: int | None = None) -> dict:
     """Train `cfg` in `run_dir`, resuming from run_dir/last.pt if present; returns the summary dict.
 
     gpu_index picks the GPU of a single-process job (parallel sweeps); DDP jobs use LOCAL_RANK.
     """
-    # ------------------------------------------------------------------------------------------------ set-up
-    t_start = time.time()
-    check_numbers(cfg)
+    run = setup_run(cfg, run_dir, gpu_index)
+    resume(run)
+    with D.PreemptionGuard() as guard, run.tracker:
+        for epoch in range(run.state.epoch + 1, run.epochs + 1):
+            meter = train_epoch(run, epoch, guard)
+            end_epoch(run, epoch, meter, guard)
+    return write_summary(run)
+
+
+# ------------------------------------------------------------------------------------------------ set-up
+def setup_env(cfg, gpu_index: int | None) -> tuple[D.DistInfo, torch.device]:
+    """This process's place in the DDP group and its device, with the device's numerics settings."""
     info = D.dist_info()
     if info.world > 1 and not dist.is_initialized():  # run_ablation.py joins the group first; direct callers here
         info = D.setup(cfg.device)
-    rank, world = info.rank, info.world
-    device = pick_device(cfg.device, gpu_index if world == 1 and gpu_index is not None else info.local_rank)
-    cuda = device.type == "cuda"
-    if cuda:
+    device = pick_device(cfg.device, gpu_index if info.world == 1 and gpu_index is not None else info.local_rank)
+    if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # static shapes: let cuDNN pick the fastest kernels once
-    t = cfg.train
-    if t.batch_size % (world * t.grad_accum):
-        raise ConfigError(
-            f"train.batch_size={t.batch_size} must divide by processes x grad_accum = {world} x {t.grad_accum}"
-        )
-    micro = t.batch_size // (world * t.grad_accum)
-    os.makedirs(run_dir, exist_ok=True)
-    paths = _paths(run_dir)
+        # explicit, both ways: PyTorch's defaults differ (TF32 on for cuDNN convs, off for matmuls), which would run
+        # the 1x1-as-linear layers in full fp32 and the convs in TF32
+        torch.backends.cuda.matmul.allow_tf32 = bool(cfg.get("tf32", True))
+        torch.backends.cudnn.allow_tf32 = bool(cfg.get("tf32", True))
+    return info, device
 
-    data = Data(cfg, device, rank, world, micro)
+
+def setup_model(cfg, data: Data, device, info: D.DistInfo, run_dir: str):
+    """The step's model (initial or pretrained weights, the same on every rank), its complexity, and the module that
+    trains (DDP and / or torch.compile around it)."""
     seed_all(derive_seed(cfg.seed))  # the same initial weights on every rank
     mcfg = model_config(cfg)
     model = RoadmapNet(mcfg, num_classes=data.num_classes, in_chans=3)
@@ -298,214 +444,282 @@ def train(cfg, run_dir: str, gpu_index: int | None = None) -> dict:
         )
     if cfg.pretrained:
         load_pretrained(model, cfg.pretrained)
-    cx = _complexity(cfg, mcfg, model, data.num_classes, paths["complexity"], info.is_main)
-
+    cx = _complexity(cfg, mcfg, model, data.num_classes, _paths(run_dir)["complexity"], info.is_main)
     model.to(device)
     if cfg.channels_last:  # faster on GPU and, for the conv/BN steps, on CPU too
         model.to(memory_format=torch.channels_last)
     train_model = model
-    if world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+    if info.world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     if cfg.compile:
         torch._dynamo.reset()  # a fresh cache per run: one-process sweeps would hit the recompile limit
         train_model = torch.compile(train_model)
+    return model, train_model, cx
 
-    optimizer = _optimizer(model, t)
-    steps_per_epoch = data.batches_per_epoch() // t.grad_accum
-    if cfg.max_steps:
-        steps_per_epoch = min(steps_per_epoch, cfg.max_steps)
-    epochs = int(t.epochs)
+
+def setup_schedule(optimizer, t, steps_per_epoch: int):
+    """timm's per-step scheduler in the official ConvNeXt shape (utils.cosine_scheduler): linear warm-up from
+    warmup_lr to the peak over warmup_epochs, then cosine to min_lr over the epochs *after* warm-up. timm's
+    warmup_prefix starts the cosine after the warm-up but counts it from there for num_epochs, so it gets the
+    epochs left (without the prefix the cosine spans the warm-up too and the peak is never reached). The step
+    schedule (the original recipe) decays every decay_epochs from the start, as torchvision's reference does."""
+    cosine = t.sched == "cosine"
     scheduler, _ = create_scheduler_v2(
         optimizer,
         sched=t.sched,
-        num_epochs=epochs,
+        num_epochs=t.epochs - t.warmup_epochs if cosine else t.epochs,
         decay_epochs=t.decay_epochs,
         decay_rate=t.decay_rate,
         warmup_epochs=t.warmup_epochs,
         warmup_lr=t.warmup_lr,
+        warmup_prefix=cosine,
         min_lr=t.min_lr,
         step_on_epochs=False,
         updates_per_epoch=steps_per_epoch,
     )
+    return scheduler
+
+
+def setup_run(cfg, run_dir: str, gpu_index: int | None = None) -> Run:
+    """Everything before the first step: checks, process and device, data, model, optimizer, schedule, EMA, loss."""
+    t_start = time.time()
+    check_numbers(cfg)
+    info, device = setup_env(cfg, gpu_index)
+    split = batch_split(cfg.train, info.world)
+    os.makedirs(run_dir, exist_ok=True)
+    data = Data(cfg, device, info.rank, info.world, split.micro)
+    model, train_model, cx = setup_model(cfg, data, device, info, run_dir)
+    t = cfg.train
+    optimizer = _optimizer(model, t)
+    steps_per_epoch = data.batches_per_epoch() // split.grad_accum
+    if cfg.max_steps:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps)
+    scheduler = setup_schedule(optimizer, t, steps_per_epoch)
     ema = ModelEmaV3(model, decay=t.ema_decay) if t.ema else None
     soft = data.augment.mixup is not None
     criterion = SoftTargetCrossEntropy() if soft else torch.nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
-    amp_ctx = (
-        (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
-        if cuda and cfg.amp
-        else (lambda: torch.autocast("cpu", enabled=False))
-    )
-
     state = RunState(model, optimizer, scheduler, ema)
-    resumed = state.load(paths["ckpt"])
+    return Run(cfg, run_dir, info, device, split, data, model, train_model, optimizer, scheduler, ema, criterion,
+               steps_per_epoch, cx, state, t_start, OmegaConf.to_container(cfg.model, resolve=True))  # fmt: skip
+
+
+def resume(run: Run) -> None:
+    """Restore last.pt if there is one, rewrite metrics.jsonl from it (each finished epoch once), say what runs, and
+    open the logger (dropping what an earlier sitting logged after the checkpoint)."""
+    cfg, state, t = run.cfg, run.state, run.cfg.train
+    resumed = state.load(run.paths["ckpt"])
     if resumed:
-        log.info("resuming %s from epoch %d, step %d", run_dir, state.epoch + 1, state.step)
-    if info.is_main:  # rewrite metrics from the checkpoint: each finished epoch appears exactly once
-        with open(paths["metrics"], "w") as f:
+        log.info("resuming %s from epoch %d, step %d", run.run_dir, state.epoch + 1, state.step)
+    if run.info.is_main:
+        with open(run.paths["metrics"], "w") as f:
             f.writelines(json.dumps(h) + "\n" for h in state.history)
-    model_cfg_dict = OmegaConf.to_container(cfg.model, resolve=True)
-
-    def checkpoint() -> None:
-        if info.is_main:
-            state.save(paths["ckpt"], model_cfg_dict, state.wall_s + time.time() - t_start)
-
+    without = left_out(cfg.get("without"))
     log.info(
-        "%s | %s | %s params, %.3f GFLOPs at %dpx (%.3f at 224px full scale) | lr %.2e | %s x %d epochs",
+        "%s%s | %s | %s params, %.3f GFLOPs at %dpx (%.3f at 224px full scale) | lr %.2e | %d batch (%d x %d "
+        "process%s x %d accumulated) x %d epochs",
         cfg.step,
-        device,
-        f"{cx['params']:,}",
-        cx["train_gflops"],
+        f" without {', '.join(without)}" if without else "",
+        run.device,
+        f"{run.cx['params']:,}",
+        run.cx["train_gflops"],
         cfg.data.img_size,
-        cx["gflops"],
+        run.cx["gflops"],
         lr_for(t),
-        f"{t.batch_size} batch",
-        epochs,
+        t.batch_size,
+        run.split.micro,
+        run.info.world,
+        "es" if run.info.world > 1 else "",
+        run.split.grad_accum,
+        run.epochs,
     )
-    code = code_version()
-    log.info("code: %s", code or "not a git checkout (version unknown)")
-
-    # TensorBoard / W&B (rank 0): on resume, events an earlier sitting logged after the checkpoint are dropped
-    done_steps = state.epoch * steps_per_epoch + state.step  # the global optimizer step of the checkpoint
-    tracker = Tracker(run_dir, cfg, purge_step=done_steps + 1 if resumed else None, enabled=info.is_main)
+    run.code = code_version()
+    log.info("code: %s", run.code or "not a git checkout (version unknown)")
+    done_steps = state.epoch * run.steps_per_epoch + state.step  # the global optimizer step of the checkpoint
+    run.tracker = Tracker(run.run_dir, cfg, purge_step=done_steps + 1 if resumed else None, enabled=run.info.is_main)
     if not resumed:
-        _log_run_info(tracker, cfg, cx, t)
+        _log_run_info(run.tracker, cfg, run.cx, t)
 
-    # ------------------------------------------------------------------------------------------- epoch loop
-    model.train()
-    ckpt_every_s = t.ckpt_every_min * 60 if t.ckpt_every_min else None
-    last_save = time.time()
-    check_every = 1 if world == 1 else 10  # under DDP, stop / timed-save decisions cost a collective
-    with D.PreemptionGuard() as guard, tracker:
-        for epoch in range(state.epoch + 1, epochs + 1):
-            start = state.step  # > 0 when resuming in the middle of this epoch
-            data.set_epoch(epoch, start * t.grad_accum)
-            loss_sum = torch.tensor(state.partial["loss_sum"] if (start and info.is_main) else 0.0, device=device)
-            seen = state.partial["seen"] if start else 0
-            t_epoch = time.time() - (state.partial["epoch_s"] if start else 0.0)
-            logged = (state.partial["loss_sum"] if start else 0.0, start)  # (loss sum, steps) at the last point
-            bar = tqdm(total=steps_per_epoch, initial=start, desc=f"epoch {epoch}/{epochs}", leave=False,
-                       dynamic_ncols=True, disable=not (cfg.progress and info.is_main))  # fmt: skip
-            batches = data.train_batches()
-            for step in range(start, steps_per_epoch):
-                # this step's randomness (augmentation, Mixup, erasing, drop path) from its own stream
-                seed_all(derive_seed(cfg.seed, AUGMENT, epoch, step, rank))
-                for micro_i in range(t.grad_accum):
-                    x, y = next(batches)
-                    if cfg.channels_last:
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    sync = micro_i == t.grad_accum - 1 or world == 1
-                    ctx = train_model.no_sync() if not sync and hasattr(train_model, "no_sync") else nullcontext()
-                    with ctx, amp_ctx():
-                        loss = criterion(train_model(x), y)
-                    (loss / t.grad_accum).backward()
-                    loss_sum += loss.detach()
-                    seen += len(y)
-                if t.clip_grad:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                global_step = (epoch - 1) * steps_per_epoch + step + 1
-                scheduler.step_update(global_step)
-                if ema is not None:
-                    ema.update(model, step=global_step)
-                state.step = step + 1
-                bar.update(1)
-                if step % cfg.log_every == 0 or step == steps_per_epoch - 1:
-                    total = _all_sum(loss_sum).item()  # every rank sees the same loss, so all stop together
-                    mean_loss = total / ((step + 1) * t.grad_accum * world)
-                    if not math.isfinite(mean_loss):
-                        bar.close()
-                        raise TrainingDiverged(
-                            f"the training loss became {mean_loss} at epoch {epoch}, step {step + 1}; the last good "
-                            f"checkpoint is kept in {paths['ckpt']}. Try a lower train.lr, a longer "
-                            "train.warmup_epochs or train.clip_grad=1.0."
-                        )
-                    lr_now = optimizer.param_groups[0]["lr"]
-                    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr_now:.2e}")
-                    # the mean loss of the steps since the last point (the host value read above: no extra sync)
-                    interval = (total - logged[0]) / ((step + 1 - logged[1]) * t.grad_accum * world)
-                    tracker.scalars({"train/loss": interval, "train/lr": lr_now}, global_step)
-                    logged = (total, step + 1)
-                if state.step < steps_per_epoch and (step + 1) % check_every == 0:
-                    stop = guard.signum is not None
-                    timed = ckpt_every_s is not None and time.time() - last_save >= ckpt_every_s
-                    if world > 1:  # every rank takes the same decision (one host sync every check_every steps)
-                        flags = torch.tensor([stop, timed], device=device)
-                        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                        stop, timed = flags.tolist()
-                    if stop or timed:
-                        state.partial = {"loss_sum": _all_sum(loss_sum).item(), "seen": seen,
-                                         "epoch_s": time.time() - t_epoch}  # fmt: skip
-                        checkpoint()
-                        last_save = time.time()
-                    if stop:
-                        bar.close()
-                        guard.stop(
-                            f"stopped by a signal at epoch {epoch}, step {state.step}/{steps_per_epoch}; the "
-                            f"checkpoint {paths['ckpt']} holds that exact position: run the same command again "
-                            "(same run folder) to resume"
-                        )
-            bar.close()
 
-            # ------------------------------------------------------------------------------ end of epoch
-            train_loss = _all_sum(loss_sum).item() / (steps_per_epoch * t.grad_accum * world)
-            epoch_s = time.time() - t_epoch
-            eval_now = epoch == epochs or epoch % max(1, t.eval_every) == 0
-            top1, top5 = evaluate(ema.module if ema is not None else model, data, amp_ctx) if eval_now else (None, None)
-            rec = {
-                "epoch": epoch,
-                "train_loss": round(train_loss, 5),
-                "lr": optimizer.param_groups[0]["lr"],
-                "top1": top1,
-                "top5": top5,
-                "epoch_s": round(epoch_s, 2),
-                "img_per_s": round(seen * world / epoch_s, 1),
-            }
-            state.history.append(rec)
-            tracker.scalars(
-                {"test/top1": top1, "test/top5": top5, "train/epoch_loss": train_loss,
-                 "train/img_per_s": rec["img_per_s"], "train/epoch_s": epoch_s},
-                epoch * steps_per_epoch,
-            )  # fmt: skip
-            state.epoch, state.step = epoch, 0
-            state.partial = {"loss_sum": 0.0, "seen": 0, "epoch_s": 0.0}
-            checkpoint()
-            last_save = time.time()
-            if info.is_main:
-                with open(paths["metrics"], "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-                acc = "" if top1 is None else f" | top1 {top1:.2f} top5 {top5:.2f}"
-                log.info("epoch %d/%d | loss %.4f | lr %.2e%s | %.1fs | %.0f img/s",
-                         epoch, epochs, train_loss, rec["lr"], acc, epoch_s, rec["img_per_s"])  # fmt: skip
+# ------------------------------------------------------------------------------------------------ the epoch
+def train_epoch(run: Run, epoch: int, guard: D.PreemptionGuard) -> EpochMeter:
+    """One epoch of optimizer steps from the checkpoint's position; logs, checks for NaN, saves and stops on a
+    signal (or a timed checkpoint) between steps."""
+    state, cfg = run.state, run.cfg
+    start = state.step  # > 0 when resuming in the middle of this epoch
+    run.data.set_epoch(epoch, start * run.split.grad_accum)
+    meter = EpochMeter(run.device, state.partial if start else None, run.info.is_main)
+    check_every = 1 if run.info.world == 1 else 10  # under DDP, stop / timed-save decisions cost a collective
+    show = cfg.progress and run.info.is_main
+    with tqdm(total=run.steps_per_epoch, initial=start, desc=f"epoch {epoch}/{run.epochs}", leave=False,
+              dynamic_ncols=True, disable=not show) as bar:  # fmt: skip
+        batches = run.data.train_batches()
+        for step in range(start, run.steps_per_epoch):
+            train_step(run, epoch, step, batches, meter)
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == run.steps_per_epoch - 1:
+                log_point(run, meter, epoch, step, bar)
+            if state.step < run.steps_per_epoch and (step + 1) % check_every == 0:
+                save_or_stop(run, guard, meter, epoch)
+    return meter
 
-    # --------------------------------------------------------------------------------------------- summary
-    last = state.history[-1] if state.history else {}
+
+def train_step(run: Run, epoch: int, step: int, batches, meter: EpochMeter) -> None:
+    """One optimizer step: grad_accum micro-batches (DDP syncs gradients on the last), clip, update, schedule, EMA."""
+    t, world = run.cfg.train, run.info.world
+    # this step's randomness (augmentation, Mixup, erasing, drop path) from its own stream
+    seed_all(derive_seed(run.cfg.seed, AUGMENT, epoch, step, run.info.rank))
+    for micro_i in range(run.split.grad_accum):
+        x, y = next(batches)
+        sync = micro_i == run.split.grad_accum - 1 or world == 1
+        no_sync = not sync and hasattr(run.train_model, "no_sync")
+        with run.train_model.no_sync() if no_sync else nullcontext(), run.autocast():
+            loss = run.criterion(run.train_model(x), y)
+        (loss / run.split.grad_accum).backward()
+        meter.add(loss, len(y), world)
+    if t.clip_grad:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), t.clip_grad)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    global_step = (epoch - 1) * run.steps_per_epoch + step + 1
+    run.scheduler.step_update(global_step)
+    if run.ema is not None:
+        run.ema.update(run.model, step=global_step)
+    run.state.step = step + 1
+
+
+def log_point(run: Run, meter: EpochMeter, epoch: int, step: int, bar) -> None:
+    """Every log_every steps: the loss read once on the host (every rank sees the same, so all stop together on
+    NaN), the progress bar and the logger's loss (mean since the last point) and lr."""
+    total = meter.total()
+    mean_loss = total / meter.seen
+    if not math.isfinite(mean_loss):
+        raise TrainingDiverged(
+            f"the training loss became {mean_loss} at epoch {epoch}, step {step + 1}; the last good "
+            f"checkpoint is kept in {run.paths['ckpt']}. Try a lower train.lr, a longer "
+            "train.warmup_epochs or train.clip_grad=1.0."
+        )
+    lr_now = run.optimizer.param_groups[0]["lr"]
+    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr_now:.2e}")
+    interval = (total - meter.logged[0]) / max(1, meter.seen - meter.logged[1])
+    global_step = (epoch - 1) * run.steps_per_epoch + step + 1
+    run.tracker.scalars({"train/loss": interval, "train/lr": lr_now}, global_step)
+    meter.logged = (total, meter.seen)
+
+
+def save_or_stop(run: Run, guard: D.PreemptionGuard, meter: EpochMeter, epoch: int) -> None:
+    """Between steps: on a signal (any rank's) or when a timed checkpoint is due, save the exact position (the
+    partial epoch included); on a signal, stop with a message saying how to resume."""
+    every = run.cfg.train.ckpt_every_min
+    timed = every is not None and time.time() - run.last_save >= every * 60
+    stop, timed = run.agree(guard.signum is not None, timed)
+    if stop or timed:
+        run.state.partial = meter.partial()
+        run.checkpoint()
+    if stop:
+        guard.stop(
+            f"stopped by a signal at epoch {epoch}, step {run.state.step}/{run.steps_per_epoch}; the checkpoint "
+            f"{run.paths['ckpt']} holds that exact position: run the same command again (same run folder) to resume"
+        )
+
+
+def eval_epoch(run: Run, model) -> tuple[float, float]:
+    """Top-1 / top-5 of `model` (the trained one or its EMA) on the test split, every rank with rank 0's BatchNorm
+    statistics (timm's distribute_bn broadcast), so the sharded number is the one the checkpoint gives."""
+    if run.info.world > 1:
+        distribute_bn(model, run.info.world, reduce=False)
+    return evaluate(model, run.data, run.autocast)
+
+
+def end_epoch(run: Run, epoch: int, meter: EpochMeter, guard: D.PreemptionGuard) -> None:
+    """Evaluate (the model, and its EMA when on), record the epoch (metrics.jsonl, logger, history), checkpoint;
+    a signal that came during evaluation stops the run here, at the epoch's end."""
+    state, t = run.state, run.cfg.train
+    train_loss = meter.total() / meter.seen
+    epoch_s = meter.elapsed()
+    lr = run.optimizer.param_groups[0]["lr"]
+    rec = {"epoch": epoch, "train_loss": round(train_loss, 5), "lr": lr, "top1": None, "top5": None,
+           "epoch_s": round(epoch_s, 2), "img_per_s": round(meter.seen / epoch_s, 1)}  # fmt: skip
+    if epoch == run.epochs or epoch % max(1, t.eval_every) == 0:
+        rec["top1"], rec["top5"] = eval_epoch(run, run.model)
+        if run.ema is not None:  # the official --model_ema_eval: both, every epoch
+            rec["top1_ema"], rec["top5_ema"] = eval_epoch(run, run.ema.module)
+    state.history.append(rec)
+    scalars = {"test/top1": rec["top1"], "test/top5": rec["top5"], "train/epoch_loss": train_loss,
+               "train/img_per_s": rec["img_per_s"], "train/epoch_s": epoch_s}  # fmt: skip
+    if "top1_ema" in rec:
+        scalars.update({"test/top1_ema": rec["top1_ema"], "test/top5_ema": rec["top5_ema"]})
+    run.tracker.scalars(scalars, epoch * run.steps_per_epoch)
+    state.epoch, state.step = epoch, 0
+    state.partial = {"loss_sum": 0.0, "seen": 0, "epoch_s": 0.0}
+    run.checkpoint()
+    if run.info.is_main:
+        with open(run.paths["metrics"], "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        acc = "" if rec["top1"] is None else f" | top1 {rec['top1']:.2f} top5 {rec['top5']:.2f}"
+        if rec.get("top1_ema") is not None:
+            acc += f" (EMA {rec['top1_ema']:.2f})"
+        log.info("epoch %d/%d | loss %.4f | lr %.2e%s | %.1fs | %.0f img/s",
+                 epoch, run.epochs, train_loss, rec["lr"], acc, epoch_s, rec["img_per_s"])  # fmt: skip
+    if epoch < run.epochs and run.agree(guard.signum is not None)[0]:
+        guard.stop(
+            f"stopped by a signal after epoch {epoch}; the checkpoint {run.paths['ckpt']} holds it: run the same "
+            "command again (same run folder) to resume"
+        )
+
+
+# ------------------------------------------------------------------------------------------------ summary
+def best_of(history: list[dict], key: str = "top1") -> tuple[float | None, int | None]:
+    """The best evaluated `key` over the epochs and its epoch (the first of equals), or (None, None)."""
+    scored = [(r[key], r["epoch"]) for r in history if r.get(key) is not None]
+    if not scored:
+        return None, None
+    best = max(v for v, _ in scored)
+    return best, next(e for v, e in scored if v == best)
+
+
+def write_summary(run: Run) -> dict:
+    """summary.json (rank 0): what ran, the last epoch's and the best epoch's top-1, complexity, time, device."""
+    cfg, t, cx, history = run.cfg, run.cfg.train, run.cx, run.state.history
+    last = history[-1] if history else {}
+    best, best_epoch = best_of(history)
     summary = {
         "status": "finished",
         "step": cfg.step,
         "bar": cfg.bar,
+        "without": left_out(cfg.get("without")),
+        "roadmap": OmegaConf.select(cfg, "roadmap.name", default=None),
         "regime": cfg.regime.name,
         "profile": cfg.profile,
         "data": cfg.data.name,
         "recipe": t.name,
         "seed": cfg.seed,
-        "top1": last.get("top1"),
+        "top1": last.get("top1"),  # the last epoch's (the figure plots this)
         "top5": last.get("top5"),
+        "best_top1": best,
+        "best_epoch": best_epoch,
         "params": cx["params"],
         "paper_params": cx["paper_params"],
         "gflops": round(cx["gflops"], 4),
         "gflops_total": round(cx["gflops_total"], 4),
         "train_gflops": round(cx["train_gflops"], 6),
-        "epochs": epochs,
-        "wall_s": round(state.wall_s + time.time() - t_start, 1),
-        "device": device_name(device),
-        "world_size": world,
+        "epochs": run.epochs,
+        "wall_s": round(run.state.wall_s + time.time() - run.t_start, 1),
+        "device": device_name(run.device),
+        "world_size": run.info.world,
+        "batch_per_device": run.split.micro,
+        "grad_accum": run.split.grad_accum,
+        "amp": run.amp,
+        "tf32": bool(cfg.get("tf32", True)) if run.device.type == "cuda" else None,  # None: not a CUDA run
         "img_size": cfg.data.img_size,
-        "num_classes": data.num_classes,
-        "code": code,  # git commit of the code that finished the run ("+dirty": uncommitted changes; None: no git)
+        "num_classes": run.data.num_classes,
+        "code": run.code,  # git commit of the code that finished the run ("+dirty": uncommitted changes; None: no git)
     }
-    if info.is_main:
-        write_json(paths["summary"], summary)
+    if run.ema is not None:
+        best_ema, best_ema_epoch = best_of(history, "top1_ema")
+        summary.update(top1_ema=last.get("top1_ema"), best_top1_ema=best_ema, best_epoch_ema=best_ema_epoch)
+    if run.info.is_main:
+        write_json(run.paths["summary"], summary)
     return summary
 
 

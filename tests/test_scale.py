@@ -386,22 +386,31 @@ def test_classic_recipe_decays_every_parameter_and_modern_does_not(compose_cfg):
 
 
 def test_image_folder_augmentation_is_the_papers(compose_cfg, tmp_path):
+    """Workers crop, flip and RandAugment into uint8 (timm's prefetcher convention); random erasing in pixel mode
+    runs on the device batch; the original recipe has neither RandAugment nor erasing."""
     from test_train import _png_folder
     from timm.data.random_erasing import RandomErasing
     from torchvision import transforms as T
 
-    from ablations.data import image_folder
+    from ablations.data import Data, image_folder
 
     _png_folder(tmp_path, ["a", "b"])
-    modern = compose_cfg("profile=imagenet", f"data.root={tmp_path}", "data.img_size=32")
+    modern = compose_cfg("profile=imagenet", f"data.root={tmp_path}", "data.img_size=32", "data.workers=0")
     tf = image_folder(modern.data, "train", modern.train).transform.transforms
-    erase = [t for t in tf if isinstance(t, RandomErasing)]
-    assert len(erase) == 1 and erase[0].mode == "pixel" and erase[0].probability == 0.25
+    names = [type(t).__name__ for t in tf]
+    assert names[-1] == "MaybePILToTensor" and any("RandAugment" in n for n in names), names
+    assert not any(isinstance(t, (RandomErasing, T.Normalize)) for t in tf)  # both on the device
+    data = Data(modern, torch.device("cpu"), 0, 1, 4)
+    assert isinstance(data.augment.erase, RandomErasing)
+    assert data.augment.erase.mode == "pixel" and data.augment.erase.probability == 0.25
+    x, y = next(iter(data.train))
+    assert x.dtype == torch.uint8 and x.shape == (4, 3, 32, 32)  # uint8 through the workers' shared memory
     classic = compose_cfg("data=imagefolder", f"data.root={tmp_path}", "data.img_size=32", "train=classic")
     names = [type(t).__name__ for t in image_folder(classic.data, "train", classic.train).transform.transforms]
     assert not any(isinstance(t, T.ColorJitter) for t in tf) and "ColorJitter" not in names
     assert names[:2] == ["RandomResizedCropAndInterpolation", "RandomHorizontalFlip"], names
     assert not any("RandAugment" in n or "Erasing" in n for n in names)
+    assert Data(classic, torch.device("cpu"), 0, 1, 4).augment.erase is None
 
 
 def test_stochastic_depth_follows_the_regime_and_can_be_overridden(compose_cfg):

@@ -313,6 +313,7 @@ def test_gpu_profile_runs_on_cpu(tmp_path, fmnist_dir):
         "device=cpu",
         f"data.root={fmnist_dir}",
         "train.epochs=1",
+        "train.warmup_epochs=0.5",
         "train.batch_size=8",
         "max_steps=1",
         "data.test_subset=16",
