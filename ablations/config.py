@@ -104,6 +104,7 @@ class RunConfig:
     tf32: bool = True  # CUDA: TF32 for fp32 matmuls and cuDNN convs (timm's default); off: full fp32
     channels_last: bool = True  # memory format of model and batches
     compile: bool = False  # torch.compile the training model (CUDA)
+    compile_backend: str = "inductor"  # torch.compile backend (aot_eager: no code generation; tests, debugging)
     pretrained: Optional[str] = None  # local checkpoint to start from
     progress: bool = True  # tqdm bar per epoch
     max_steps: Optional[int] = None  # stop each epoch after N optimizer steps (smoke tests)
@@ -188,3 +189,45 @@ def register() -> None:
         OmegaConf.register_new_resolver("roadmap.suffix", _suffix)
     if not OmegaConf.has_resolver("roadmap.model"):
         OmegaConf.register_new_resolver("roadmap.model", _model_field)
+
+
+# ------------------------------------------------------------------------------------------- command-line keys
+def _schema_fields(cls) -> dict:
+    """A schema dataclass's field names -> their types (resolved: this module uses postponed annotations)."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints.get(f.name) for f in dataclasses.fields(cls)}
+
+
+def check_override_keys(args: list[str]) -> None:
+    """A mistyped key on the command line (`model.kernal_size=5`): one ConfigError with the closest keys and the
+    valid ones, before Hydra composes. (Hydra's own message would suggest appending it as `+model.kernal_size`, which
+    is wrong here: the schema has every key.) Group choices (`step=`, `data=`, `hydra/launcher=`), appends (`+x=`),
+    deletions (`~x`) and hydra.* keys are left to Hydra, which lists a group's valid options itself."""
+    import difflib
+    import re
+
+    for arg in args:
+        m = re.match(r"^([A-Za-z_][\w.]*)=", arg)
+        if m is None or m[1].startswith("hydra") or "." not in m[1] and m[1] in _GROUPS:
+            continue
+        node, seen = RunConfig, []
+        for part in m[1].split("."):
+            names = _schema_fields(node)
+            if part not in names:
+                where = ".".join(seen) or "the top level"
+                close = difflib.get_close_matches(part, list(names), n=3, cutoff=0.6)
+                prefix = ".".join(seen) + "." if seen else ""
+                hint = f"did you mean {' or '.join(prefix + c for c in close)}? " if close else ""
+                raise ConfigError(
+                    f"unknown config key {m[1]!r} in {arg!r}: {hint}the keys of {where} are "
+                    f"{', '.join(sorted(names))} (`--cfg job` shows the whole composed config)"
+                )
+            seen.append(part)
+            node = names[part]
+            if not dataclasses.is_dataclass(node):
+                break  # a leaf (or a list / dict value): Hydra checks the value's type
+
+
+_GROUPS = ("bar", "data", "profile", "regime", "roadmap", "step", "sweep", "train")  # conf/<group>/ folders

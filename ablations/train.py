@@ -39,6 +39,16 @@ from ablations import dist as D
 from ablations.complexity import complexity
 from ablations.config import left_out
 from ablations.data import AUGMENT, Data, derive_seed, seed_all
+from ablations.run_folder import (
+    RunFolderError,
+    check_checkpoint,
+    check_free_space,
+    load_checkpoint,
+    plain,
+    write_atomic,
+    write_json,
+    write_lines,
+)
 from ablations.tracking import Tracker, config_markdown
 from models import ConfigError, ModelConfig, RoadmapNet
 from models.layers import choice
@@ -87,6 +97,8 @@ def lr_for(tcfg) -> float:
 def check_numbers(cfg) -> None:
     """Clear errors for values the trainer cannot use."""
     t = cfg.train
+    if not isinstance(cfg.seed, int) or cfg.seed < 0:
+        raise ConfigError(f"seed must be a whole number >= 0 (it keys every random stream), got {cfg.seed}")
     if t.epochs < 1 or t.epochs != int(t.epochs):
         raise ConfigError(f"train.epochs must be a whole number >= 1, got {t.epochs}")
     if t.batch_size < 1 or t.grad_accum < 1:
@@ -114,30 +126,36 @@ def check_numbers(cfg) -> None:
         )
 
 
+def _nbytes(obj) -> int:
+    """Bytes of the tensors in a nested checkpoint (its size on disk, near enough)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nelement() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
 def atomic_save(obj, path: str) -> None:
-    """torch.save to a temp file, then rename: a kill mid-write never leaves a broken checkpoint."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def write_json(path: str, obj) -> None:
-    """Write JSON atomically."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    """torch.save to a temp file, then rename: a kill mid-write never leaves a broken checkpoint; a disk without room
+    for it is refused before writing, and a failed write removes its temporary file and keeps the last good one."""
+    keep = f"The last good checkpoint {path} is intact." if os.path.exists(path) else ""
+    check_free_space(path, _nbytes(obj), keep)
+    write_atomic(path, lambda tmp: torch.save(obj, tmp), keep)
 
 
 class RunState:
     """Everything resume needs, in one place: model, optimizer, scheduler, EMA, the position in the epoch
-    (finished epochs + optimizer steps into the next), the partial epoch's sums and the metrics history.
+    (finished epochs + optimizer steps into the next), the partial epoch's sums and the metrics history; and what
+    run it belongs to (`config`: config.yaml's content), so a checkpoint is never resumed into another run.
 
     No RNG state: randomness is reseeded from (seed, epoch, step, rank) at every step, so the position is enough.
     """
 
-    def __init__(self, model, optimizer, scheduler, ema):
+    def __init__(self, model, optimizer, scheduler, ema, cfg=None):
         self.model, self.optimizer, self.scheduler, self.ema = model, optimizer, scheduler, ema
+        self.cfg = cfg  # the run's config (None: not checked, as for direct callers without one)
         self.epoch = 0  # finished epochs
         self.step = 0  # optimizer steps done in epoch + 1
         self.history: list[dict] = []  # one record per finished epoch
@@ -159,26 +177,34 @@ class RunState:
                 "history": self.history,
                 "wall_s": wall_s,
                 "model_config": model_config,
+                "config": plain(self.cfg) if self.cfg is not None else None,
             },
             path,
         )
 
     def load(self, path: str) -> bool:
-        """Restore from `path` if it exists; whether it did."""
+        """Restore from `path` if it exists; whether it did. A file that is not a checkpoint of this run (another
+        run's, another model's, not ours, truncated) stops with one paragraph saying what it is."""
         if not os.path.exists(path):
             return False
+        ck = load_checkpoint(path)
+        if self.cfg is not None:
+            check_checkpoint(ck, self.cfg, path)
         try:
-            ck = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # a truncated or foreign file: say which, never train over it silently
-            raise ConfigError(f"cannot resume from {path}: {type(e).__name__}: {e}. Delete it to start over.") from None
-        self.model.load_state_dict(ck["model"])
-        self.optimizer.load_state_dict(ck["optimizer"])
-        self.scheduler.load_state_dict(ck["scheduler"])
-        if self.ema is not None and ck.get("ema") is not None:
-            self.ema.load_state_dict(ck["ema"])
+            self.model.load_state_dict(ck["model"])
+            self.optimizer.load_state_dict(ck["optimizer"])
+            self.scheduler.load_state_dict(ck["scheduler"])
+            if self.ema is not None and ck.get("ema") is not None:
+                self.ema.load_state_dict(ck["ema"])
+        except (RuntimeError, ValueError, KeyError) as e:  # load_state_dict: missing / unexpected keys, shapes
+            first = str(e).strip().splitlines()
+            raise RunFolderError(
+                f"{path} holds the weights of another model ({first[1].strip() if len(first) > 1 else first[0]}"
+                "...): it is not this run's checkpoint. Nothing was changed: delete it to start this run over."
+            ) from None
         self.epoch, self.step = ck["epoch"], ck.get("step", 0)
         self.partial = ck.get("partial", self.partial)
-        self.history, self.wall_s = ck["history"], ck["wall_s"]
+        self.history, self.wall_s = ck["history"], ck.get("wall_s", 0.0)
         return True
 
 
@@ -252,7 +278,7 @@ def _paper_complexity(pcfg: ModelConfig) -> dict:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         write_json(str(path), cx)
-    except OSError:
+    except (OSError, RunFolderError):  # a cache that cannot be written is skipped
         pass
     return cx
 
@@ -454,7 +480,7 @@ def setup_model(cfg, data: Data, device, info: D.DistInfo, run_dir: str):
         train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     if cfg.compile:
         torch._dynamo.reset()  # a fresh cache per run: one-process sweeps would hit the recompile limit
-        train_model = torch.compile(train_model)
+        train_model = torch.compile(train_model, backend=cfg.get("compile_backend", "inductor"))
     return model, train_model, cx
 
 
@@ -499,7 +525,7 @@ def setup_run(cfg, run_dir: str, gpu_index: int | None = None) -> Run:
     ema = ModelEmaV3(model, decay=t.ema_decay) if t.ema else None
     soft = data.augment.mixup is not None
     criterion = SoftTargetCrossEntropy() if soft else torch.nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
-    state = RunState(model, optimizer, scheduler, ema)
+    state = RunState(model, optimizer, scheduler, ema, cfg)
     return Run(cfg, run_dir, info, device, split, data, model, train_model, optimizer, scheduler, ema, criterion,
                steps_per_epoch, cx, state, t_start, OmegaConf.to_container(cfg.model, resolve=True))  # fmt: skip
 
@@ -511,9 +537,11 @@ def resume(run: Run) -> None:
     resumed = state.load(run.paths["ckpt"])
     if resumed:
         log.info("resuming %s from epoch %d, step %d", run.run_dir, state.epoch + 1, state.step)
-    if run.info.is_main:
-        with open(run.paths["metrics"], "w") as f:
-            f.writelines(json.dumps(h) + "\n" for h in state.history)
+    if run.info.is_main:  # each finished epoch exactly once, whatever an earlier sitting wrote after the checkpoint
+        write_lines(run.paths["metrics"], [json.dumps(h) for h in state.history])
+    if resumed and state.epoch >= run.epochs:
+        log.info("last.pt holds the finished run (%d epochs): metrics.jsonl and summary.json rewritten from it",
+                 state.epoch)  # fmt: skip
     without = left_out(cfg.get("without"))
     log.info(
         "%s%s | %s | %s params, %.3f GFLOPs at %dpx (%.3f at 224px full scale) | lr %.2e | %d batch (%d x %d "
@@ -654,8 +682,7 @@ def end_epoch(run: Run, epoch: int, meter: EpochMeter, guard: D.PreemptionGuard)
     state.partial = {"loss_sum": 0.0, "seen": 0, "epoch_s": 0.0}
     run.checkpoint()
     if run.info.is_main:
-        with open(run.paths["metrics"], "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        write_lines(run.paths["metrics"], [json.dumps(h) for h in state.history])  # atomic: never half a line
         acc = "" if rec["top1"] is None else f" | top1 {rec['top1']:.2f} top5 {rec['top5']:.2f}"
         if rec.get("top1_ema") is not None:
             acc += f" (EMA {rec['top1_ema']:.2f})"

@@ -169,7 +169,7 @@ def test_the_order_of_left_out_steps_does_not_make_another_run(tmp_path):
     """without=[bn_to_ln,gelu] is without=[gelu,bn_to_ln]: same folder, same config.yaml, same figure bar."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from analysis.runs import load_run
-    from run_ablation import _plain
+    from ablations.run_folder import plain as _plain
 
     assert _suffix("", ["bn_to_ln", "gelu", "gelu"], "paper") == _suffix("", ["gelu", "bn_to_ln"], "paper")
     assert toggle_label(FULL, ["bn_to_ln", "gelu"]) == f"{FULL}_without=gelu+bn_to_ln"
@@ -201,7 +201,7 @@ def test_default_runs_write_the_config_they_always_wrote(compose_cfg, tmp_path):
     # a finished run from before toggles existed has no without/roadmap keys: a default run must not add them, or a
     # rerun would refuse its own folder instead of reusing it
     sys.path.insert(0, str(ROOT))
-    from run_ablation import prepare_run_dir
+    from ablations.run_folder import prepare as prepare_run_dir
 
     default = compose_cfg("step=gelu", "profile=smoke", "data=synthetic")
     prepare_run_dir(default, str(tmp_path / "a"))
