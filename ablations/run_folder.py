@@ -136,6 +136,9 @@ def prepare(cfg, run_dir: str) -> dict | None:
                 "hydra.run.dir=..., or delete that one."
             )
         return finished_summary(run_dir)
+    ckpt = os.path.join(run_dir, "last.pt")
+    if os.path.exists(ckpt):  # config.yaml lost: the checkpoint says which run this folder holds
+        check_checkpoint(load_checkpoint(ckpt), cfg, ckpt)
     os.makedirs(run_dir, exist_ok=True)
     write_atomic(path, lambda tmp: OmegaConf.save(OmegaConf.create(new), tmp))
     return None
@@ -275,13 +278,17 @@ def load_checkpoint(path: str) -> dict:
     import torch
 
     try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch's own message would suggest weights_only=False, which is wrong here
         text = str(e)
-        if "weights_only" in text or "Unsupported global" in text or "WeightsUnpickler" in text:
+        if magic[:2] != b"PK" and magic[:1] != b"\x80":  # neither torch's zip format nor its legacy pickle
+            what = "not a torch file (written by something else, or damaged)"
+        elif magic[:2] == b"PK" and ("zip" in text.lower() or isinstance(e, (EOFError, OSError))):
+            what = "a truncated or damaged torch file (an interrupted copy?)"
+        elif "Weights only load failed" in text or "Unsupported global" in text:
             what = "a torch file holding Python objects beyond tensors and containers: not a checkpoint of this project"
-        elif isinstance(e, EOFError) or any(w in text.lower() for w in ("zip", "magic", "truncat")):
-            what = "not a readable torch file (truncated, or written by something else)"
         else:
             what = f"not loadable ({type(e).__name__})"
         raise RunFolderError(

@@ -434,6 +434,9 @@ def train(cfg, run_dir: str, gpu_index: int | None = None) -> dict:
     run = setup_run(cfg, run_dir, gpu_index)
     resume(run)
     with D.PreemptionGuard() as guard, run.tracker:
+        if run.state.epoch < run.epochs:
+            log.info("training epochs %d-%d, %d steps each (Ctrl-C or SIGTERM: save the exact step and stop)",
+                     run.state.epoch + 1, run.epochs, run.steps_per_epoch)  # fmt: skip
         for epoch in range(run.state.epoch + 1, run.epochs + 1):
             meter = train_epoch(run, epoch, guard)
             end_epoch(run, epoch, meter, guard)

@@ -27,8 +27,10 @@ ORDER = {name: i for i, name in enumerate(FIGURE_ORDER)}
 RUN_COLUMNS = [
     "run_dir", "bar", "step", "seed", "regime", "profile", "data", "recipe", "status", "error", "top1", "top5",
     "params", "paper_params", "gflops", "gflops_total", "train_gflops", "epochs", "epochs_planned", "wall_s",
-    "device", "order", "roadmap", "roadmap_steps", "without", "base_bar", "code",
+    "device", "order", "roadmap", "roadmap_steps", "without", "base_bar", "code", "best_top1", "best_epoch",
+    "top1_ema", "best_top1_ema",
 ]  # fmt: skip
+# best_top1 / best_epoch: the best evaluated epoch (the figure plots top1, the last epoch's); *_ema: the EMA's
 # toggles (issue 12): roadmap = name of the order step= walked (paper for the paper's), roadmap_steps = that order
 # comma-joined, without = the left-out steps "+"-joined ("" for none), base_bar = the bar before its toggles
 # code = the git commit the run finished with (summary.json; "+dirty": uncommitted changes), empty when unknown
@@ -205,9 +207,11 @@ def load_run(run_dir: str | Path) -> dict:
     if summary is not None:
         row["status"] = summary.get("status") or "finished"
         row["error"] = str(summary.get("error") or "")
-        for key in ("top1", "top5", "wall_s"):
+        for key in ("top1", "top5", "wall_s", "best_top1", "best_epoch", "top1_ema", "best_top1_ema"):
             if key in summary:
                 row[key] = _num(summary[key])
+        if row["status"] == "finished" and not metrics:
+            row["error"] = "metrics.jsonl missing: run its command again to rebuild it from last.pt"
         row["device"] = summary.get("device", NAN)
         row["code"] = summary.get("code") or NAN
         for key in ("step", "bar", "regime", "profile", "seed"):

@@ -168,8 +168,8 @@ def test_folder_names_name_the_toggles_and_keep_default_names():
 def test_the_order_of_left_out_steps_does_not_make_another_run(tmp_path):
     """without=[bn_to_ln,gelu] is without=[gelu,bn_to_ln]: same folder, same config.yaml, same figure bar."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from analysis.runs import load_run
     from ablations.run_folder import plain as _plain
+    from analysis.runs import load_run
 
     assert _suffix("", ["bn_to_ln", "gelu", "gelu"], "paper") == _suffix("", ["gelu", "bn_to_ln"], "paper")
     assert toggle_label(FULL, ["bn_to_ln", "gelu"]) == f"{FULL}_without=gelu+bn_to_ln"
