@@ -92,10 +92,11 @@ def _export_slurm() -> None:
         return
     nodes = int(env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_JOB_NUM_NODES") or 1)
     master = env.get("MASTER_ADDR") or _first_slurm_host()  # before exporting anything: an error leaves env as it was
+    # the port: the same on every task, from the job id (as submitit picks it)
     port = env.get("MASTER_PORT") or str(random.Random(env.get("SLURM_JOB_ID", "0")).randint(20000, 60000))
     env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=str(tasks), LOCAL_RANK=env.get("SLURM_LOCALID", "0"),
                LOCAL_WORLD_SIZE=str(max(1, tasks // nodes)), MASTER_ADDR=master,
-               MASTER_PORT=port)  # fmt: skip  (the port: the same on every task, from the job id, as submitit picks it)
+               MASTER_PORT=port)  # fmt: skip
 
 
 def _first_slurm_host() -> str:
