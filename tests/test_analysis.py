@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -357,6 +358,51 @@ def test_flops_figure_plots_each_steps_gflops_and_top1(full_sweep, tmp_path):
     assert ours.flatten().tolist() == pytest.approx(steps[["gflops", "top1_mean"]].to_numpy().flatten().tolist())
     assert paper.flatten().tolist() == pytest.approx([v for r in ROADMAP for v in (r.gflops["r50"], r.top1["r50"])])
     assert (tmp_path / "flops.png").exists() and (tmp_path / "flops.svg").exists()
+
+
+def _label_overlaps(fig) -> list[str]:
+    """Point labels of a flops figure (final layout) whose text touches a marker, an error bar or another label."""
+    from matplotlib.collections import LineCollection
+    from matplotlib.text import Annotation, Text
+
+    fig.canvas.draw()
+    renderer, px = fig.canvas.get_renderer(), fig.dpi / 72
+    found = []
+    for ax in fig.axes:
+        labels = [t for t in ax.texts if isinstance(t, Annotation)]
+        boxes = [Text.get_window_extent(t, renderer) for t in labels]  # the text alone, not its leader line
+        marks = []
+        for line in ax.get_lines():
+            if line.get_marker() in (None, "None", "none", "", " "):
+                continue
+            r = (line.get_markersize() + line.get_markeredgewidth()) * px / 2
+            xy = line.get_transform().transform(np.column_stack(line.get_data()).astype(float))
+            marks += [(x - r, y - r, x + r, y + r, "marker") for x, y in xy]
+        for coll in ax.collections:
+            if isinstance(coll, LineCollection):
+                for seg in coll.get_segments():
+                    (x0, y0), (x1, y1) = coll.get_transform().transform(np.asarray(seg, dtype=float))[[0, -1]]
+                    marks.append((min(x0, x1) - 0.5, min(y0, y1), max(x0, x1) + 0.5, max(y0, y1), "error bar"))
+        for k, (t, bb) in enumerate(zip(labels, boxes)):
+            other = [
+                (o.x0, o.y0, o.x1, o.y1, f"label {u.get_text()!r}") for u, o in zip(labels[k + 1 :], boxes[k + 1 :])
+            ]
+            for x0, y0, x1, y1, what in marks + other:
+                if bb.x0 < x1 and bb.x1 > x0 and bb.y0 < y1 and bb.y1 > y0:
+                    found.append(f"{ax.get_title(loc='left')}: {t.get_text()!r} on a {what}")
+    return found
+
+
+def test_flops_figure_labels_clear_markers_error_bars_and_each_other(tmp_path):
+    """The committed sweep's crowded kernel-size cluster (docs/results.csv): no point label touches a marker, an
+    error bar or another label once the figure is laid out as saved (legend and title included)."""
+    from analysis.figure import flops_figure
+
+    s = summarize(collect([REPO / "docs" / "results.csv"]))
+    fig = flops_figure(s, tmp_path / "flops", regime="r50")
+    labels = [t.get_text() for ax in fig.axes[:2] for t in ax.texts if hasattr(t, "xyann")]
+    assert len(labels) == 2 * 17 and labels.count("kernel sz. → 9") == 2
+    assert _label_overlaps(fig) == []
 
 
 def test_curves_one_line_per_bar_with_mean_top1_per_epoch(tmp_path):
