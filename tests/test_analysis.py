@@ -434,6 +434,49 @@ def test_curves_one_line_per_bar_with_mean_top1_per_epoch(tmp_path):
     assert 'id="top1:baseline"' in svg and 'id="train_loss:gelu"' in svg and 'id="top1:bn_to_ln"' not in svg
 
 
+def test_epochs_csv_carries_the_learning_curves_of_a_results_csv(tmp_path, capsys):
+    """analyze writes epochs.csv beside results.csv (one row per run and epoch, run folders relative to it); a
+    results.csv whose run folders are gone draws the same curves from it. Without epochs.csv (a results.csv from
+    before it, e.g. docs/results.csv) the curves are not drawn, an existing curves.png is kept, and it says so."""
+    from analysis.curves import curves_figure
+    from analysis.runs import collect_epochs
+
+    sweep = tmp_path / "sweep"
+    for bar, seed in (("baseline", 0), ("baseline", 1), ("gelu", 0)):
+        write_run(sweep, bar, seed, top1=80.0 + seed + (bar == "gelu"), epochs=3)
+    kept = tmp_path / "kept"
+    analyze([sweep], out_dir=kept)
+    ep = pd.read_csv(kept / "epochs.csv")
+    assert len(ep) == 3 * 3 and list(ep.columns[:2]) == ["run_dir", "epoch"]
+    first = ep[ep["run_dir"] == "../sweep/baseline/seed1"].sort_values("epoch")
+    assert first["top1"].tolist() == [79.0, 80.0, 81.0] and first["train_loss"].tolist() == pytest.approx(
+        [1, 0.5, 1 / 3]
+    )
+
+    def lines(fig) -> dict:
+        """gid -> xy data of the curves' lines."""
+        return {ln.get_gid(): ln.get_xydata().tolist() for ax in fig.axes for ln in ax.get_lines() if ln.get_gid()}
+
+    from_folders = lines(curves_figure(collect([sweep]), tmp_path / "a"))
+    shutil.rmtree(sweep)  # what docs/ keeps: the tables, not the run folders
+    redrawn = tmp_path / "redrawn"
+    written = analyze([kept / "results.csv"], out_dir=redrawn)
+    assert "curves.png" in written and pd.read_csv(redrawn / "epochs.csv").shape == ep.shape
+    runs = collect([kept])  # the results.csv, its run folders gone
+    assert lines(curves_figure(runs, tmp_path / "b", epochs=collect_epochs(runs, [kept]))) == from_folders
+    assert set(from_folders) == {"top1:baseline", "top1:gelu", "train_loss:baseline", "train_loss:gelu"}
+    assert 'id="top1:gelu"' in (redrawn / "curves.svg").read_text()
+
+    (kept / "epochs.csv").unlink()
+    before = (kept / "curves.png").read_bytes()
+    capsys.readouterr()
+    written = analyze([kept / "results.csv"])  # into the same folder, as `python -m analysis docs/results.csv`
+    assert "curves.png" not in written and (kept / "curves.png").read_bytes() == before
+    assert "no per-epoch records in this input for any of its 3 finished runs" in capsys.readouterr().out
+    fig = curves_figure(collect([kept]), tmp_path / "c")
+    assert "no per-epoch records in this input" in [t.get_text() for t in fig.axes[0].texts]
+
+
 def test_status_lists_finished_running_and_failed(tmp_path):
     """`python -m analysis DIR --status`: every job with epochs done/planned, top-1, status and an ETA; writes
     nothing. An unknown epoch time makes the ETA 'unknown'."""
