@@ -177,7 +177,8 @@ def test_docs_fidelity_json_is_what_the_code_computes_from_docs_results_csv():
 
     same(old, new)
     assert new["rank_correlation"]["spearman"] == pytest.approx(-0.66, abs=0.005)
-    assert new["rank_correlation"]["kendall"] == pytest.approx(-19 / 39, rel=1e-12)  # discordant pairs outnumber concordant ones by 38 of 78
+    # tau = (concordant - discordant) / pairs = -38 / 78: discordant pairs outnumber concordant ones by 38
+    assert new["rank_correlation"]["kendall"] == pytest.approx(-19 / 39, rel=1e-12)
 
 
 def test_headline_standard_error_with_three_seeds():
