@@ -443,17 +443,28 @@ def _leader_hits(taken: np.ndarray, xy: np.ndarray) -> int:
     return int(inside.any(axis=1).sum())
 
 
-def _crossings(a: np.ndarray, b: np.ndarray) -> int:
-    """1 when two leader lines (segments: first to last row) cross, else 0."""
-    if len(a) < 2 or len(b) < 2:
-        return 0
-    p, r, q, t = a[0], a[-1] - a[0], b[0], b[-1] - b[0]
-    den = r[0] * t[1] - r[1] * t[0]
-    if abs(den) < 1e-9:  # parallel: they may overlap, but a leader pair at one angle reads as one line anyway
-        return 0
-    u = ((q[0] - p[0]) * t[1] - (q[1] - p[1]) * t[0]) / den
-    v = ((q[0] - p[0]) * r[1] - (q[1] - p[1]) * r[0]) / den
-    return int(0 <= u <= 1 and 0 <= v <= 1)
+def _overlaps(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(len(a), len(b)) booleans: which boxes (x0, y0, x1, y1) of a overlap which of b."""
+    return (
+        (a[:, None, 0] < b[None, :, 2])
+        & (a[:, None, 2] > b[None, :, 0])
+        & (a[:, None, 1] < b[None, :, 3])
+        & (a[:, None, 3] > b[None, :, 1])
+    )
+
+
+def _crossings(mine: np.ndarray, lines: np.ndarray) -> np.ndarray:
+    """For each segment of mine (S, 2, 2), how many of lines (n, 2, 2) it crosses."""
+    if not len(lines) or not len(mine):
+        return np.zeros(len(mine), dtype=int)
+    p, r = mine[:, None, 0], mine[:, None, 1] - mine[:, None, 0]  # (S, 1, 2)
+    q, t = lines[None, :, 0], lines[None, :, 1] - lines[None, :, 0]  # (1, n, 2)
+    den = r[..., 0] * t[..., 1] - r[..., 1] * t[..., 0]
+    ok = np.abs(den) > 1e-9  # parallel: they may overlap, but a leader pair at one angle reads as one line anyway
+    den = np.where(ok, den, 1.0)
+    u = ((q[..., 0] - p[..., 0]) * t[..., 1] - (q[..., 1] - p[..., 1]) * t[..., 0]) / den
+    v = ((q[..., 0] - p[..., 0]) * r[..., 1] - (q[..., 1] - p[..., 1]) * r[..., 0]) / den
+    return (ok & (u >= 0) & (u <= 1) & (v >= 0) & (v <= 1)).sum(axis=1)
 
 
 def _spots(x_d: float, y_d: float, w: float, h: float, frame, px: float, skip: float) -> list[tuple]:
@@ -480,26 +491,63 @@ def _spots(x_d: float, y_d: float, w: float, h: float, frame, px: float, skip: f
 
 
 class _Placement:
-    """Which candidate spot each label takes, and what a spot costs given the others (see _place_labels)."""
+    """Which candidate spot each label takes, and what its spots cost given the others (see _place_labels).
+
+    Costs are computed for all spots of a label at once (numpy), from arrays built once per label: spot boxes
+    (S, 4), leader pixels padded to (S, M, 2) with a mask, leader segments (S, 2, 2), the cost against the fixed
+    obstacles (S,)."""
 
     def __init__(self, fixed: np.ndarray, spots: list[list[tuple]]):
-        self.fixed, self.spots = fixed, spots  # obstacles that never move; each label's candidate spots
+        self.spots = spots
         self.choice: list[int | None] = [None] * len(spots)
+        self.boxes, self.pixels, self.mask, self.lines, self.has_line, self.alone = [], [], [], [], [], []
+        for spot_list in spots:
+            m = max([len(sp[6]) for sp in spot_list] + [1])
+            pixels, mask = np.zeros((len(spot_list), m, 2)), np.zeros((len(spot_list), m), dtype=bool)
+            for k, sp in enumerate(spot_list):
+                pixels[k, : len(sp[6])], mask[k, : len(sp[6])] = sp[6], True
+            self.boxes.append(np.array([sp[5] for sp in spot_list], dtype=float))
+            self.pixels.append(pixels)
+            self.mask.append(mask)
+            self.lines.append(np.array([sp[7] if len(sp[7]) else np.zeros((2, 2)) for sp in spot_list], dtype=float))
+            self.has_line.append(np.array([len(sp[7]) > 0 for sp in spot_list]))
+            self.alone.append(  # the fixed obstacles are thousands of boxes: counted once per spot
+                np.array(
+                    [
+                        COST["box"] * _hits(fixed, sp[5])
+                        + COST["leader_mark"] * _leader_hits(fixed, sp[6])
+                        + COST["distance"] * sp[4]
+                        for sp in spot_list
+                    ]
+                )
+            )
 
-    def cost(self, i: int, a: int) -> float:
-        """What spot a costs label i, with every other placed label where it stands now."""
-        spot = self.spots[i][a]
-        others = [self.spots[j][c] for j, c in enumerate(self.choice) if c is not None and j != i]
-        boxes = np.array([o[5] for o in others], dtype=float).reshape(-1, 4)
-        box, leader = np.array([spot[5]], dtype=float), spot[6]
-        crossed = sum(_leader_hits(box, o[6]) for o in others)  # other leaders through this box
-        tangled = sum(_crossings(spot[7], o[7]) for o in others)
+    def costs(self, i: int) -> np.ndarray:
+        """What each spot costs label i, with every other placed label where it stands now."""
+        placed = [(j, c) for j, c in enumerate(self.choice) if c is not None and j != i]
+        if not placed:
+            return self.alone[i]
+        boxes = np.array([self.boxes[j][c] for j, c in placed])  # (k, 4)
+        pixels = np.vstack([self.pixels[j][c][self.mask[j][c]] for j, c in placed])  # (m, 2)
+        lines = np.array([self.lines[j][c] for j, c in placed if self.has_line[j][c]]).reshape(-1, 2, 2)
+        mine = self.boxes[i]
+        on_labels = _overlaps(mine, boxes).sum(axis=1)
+        px, inside = self.pixels[i], np.zeros(self.mask[i].shape, dtype=bool)
+        for b in boxes:  # my leader through another label, pixel by pixel
+            inside |= (b[0] <= px[..., 0]) & (px[..., 0] <= b[2]) & (b[1] <= px[..., 1]) & (px[..., 1] <= b[3])
+        through = (inside & self.mask[i]).sum(axis=1)
+        crossed = (  # other leaders through my box
+            (mine[:, None, 0] <= pixels[None, :, 0])
+            & (pixels[None, :, 0] <= mine[:, None, 2])
+            & (mine[:, None, 1] <= pixels[None, :, 1])
+            & (pixels[None, :, 1] <= mine[:, None, 3])
+        ).sum(axis=1)
+        tangled = _crossings(self.lines[i], lines) * self.has_line[i]
         return (
-            COST["box"] * (_hits(self.fixed, spot[5]) + _hits(boxes, spot[5]))
-            + COST["leader_label"] * (_leader_hits(boxes, leader) + crossed)
+            self.alone[i]
+            + COST["box"] * on_labels
+            + COST["leader_label"] * (through + crossed)
             + COST["tangle"] * tangled
-            + COST["leader_mark"] * _leader_hits(self.fixed, leader)
-            + COST["distance"] * spot[4]
         )
 
     def settle(self, order: list[int]) -> None:
@@ -507,7 +555,7 @@ class _Placement:
         for sweep in range(PLACEMENT_SWEEPS + 1):
             moved = False
             for i in order:
-                costs = [self.cost(i, a) for a in range(len(self.spots[i]))]
+                costs = self.costs(i)
                 best = int(np.argmin(costs))  # the first of equal costs: the nearest spot
                 if self.choice[i] is None or costs[best] < costs[self.choice[i]]:
                     moved |= self.choice[i] is not None
@@ -515,27 +563,27 @@ class _Placement:
             if sweep and not moved:
                 break
 
-    def _pair_cost(self, i: int, a: int, j: int, b: int) -> float:
-        """Cost of label i at spot a and j at spot b, each counted with the other there."""
-        self.choice[i], self.choice[j] = None, b
-        c = self.cost(i, a)
-        self.choice[i], self.choice[j] = a, None
-        c += self.cost(j, b)
-        self.choice[i], self.choice[j] = a, b
-        return c
-
     def untangle(self) -> None:
         """Two labels whose leaders cross move together: one at a time, they cannot swap sides."""
         for i, j in itertools.combinations(range(len(self.spots)), 2):
             a, b = self.choice[i], self.choice[j]
-            if not _crossings(self.spots[i][a][7], self.spots[j][b][7]):
+            if not (self.has_line[i][a] and self.has_line[j][b]):
+                continue
+            if not _crossings(self.lines[i][a : a + 1], self.lines[j][b : b + 1])[0]:
                 continue
             self.choice[i] = self.choice[j] = None
-            top_i = np.argsort([self.cost(i, k) for k in range(len(self.spots[i]))], kind="stable")[:UNTANGLE_TOP]
-            top_j = np.argsort([self.cost(j, k) for k in range(len(self.spots[j]))], kind="stable")[:UNTANGLE_TOP]
-            pairs = [(self._pair_cost(i, a, j, b), a, b)] + [
-                (self._pair_cost(i, int(p), j, int(q)), int(p), int(q)) for p in top_i for q in top_j
-            ]
+            top_i = [a, *np.argsort(self.costs(i), kind="stable")[:UNTANGLE_TOP].tolist()]
+            top_j = [b, *np.argsort(self.costs(j), kind="stable")[:UNTANGLE_TOP].tolist()]
+            cost_i = {}  # i's cost at each spot p with j at q, then j's with i at p
+            for q in top_j:
+                self.choice[j] = q
+                cost_i[q] = self.costs(i)
+            self.choice[j] = None
+            cost_j = {}
+            for p in top_i:
+                self.choice[i] = p
+                cost_j[p] = self.costs(j)
+            pairs = [(cost_i[q][p] + cost_j[p][q], p, q) for p in top_i for q in top_j]
             _, self.choice[i], self.choice[j] = min(pairs, key=lambda t: t[0])  # ties: the spots they had
 
 

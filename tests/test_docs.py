@@ -22,6 +22,7 @@ import runpy
 import shlex
 import shutil
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -195,7 +196,9 @@ def check_module(module: str, args: list[str], monkeypatch) -> None:
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_only)
     monkeypatch.setattr(sys, "argv", [f"python -m {module}", *args])
-    with pytest.raises(_Parsed):
+    with pytest.raises(_Parsed), warnings.catch_warnings():
+        # runpy warns when the module was imported before (by another test): harmless here, nothing of it runs
+        warnings.filterwarnings("ignore", message=".*found in sys.modules", category=RuntimeWarning)
         try:
             runpy.run_module(module, run_name="__main__", alter_sys=True)
         except SystemExit as e:  # argparse's exit on a bad argument: its message went to stderr
