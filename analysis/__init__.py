@@ -13,9 +13,11 @@ from analysis.fidelity import fidelity, fidelity_caption, fidelity_json, fidelit
 from analysis.figure import flops_figure, roadmap_figure, set_plot_style
 from analysis.leave_one_out import leave_one_out, leave_one_out_figure, leave_one_out_markdown
 from analysis.runs import (
+    EPOCHS_CSV,
     FIGURE_ORDER,
     PAPER,
     collect,
+    collect_epochs,
     find_run_dirs,
     groups,
     is_roadmap,
@@ -75,10 +77,29 @@ def markdown_table(summary) -> str:
     return "\n".join(out)
 
 
+def _has_curves(runs: pd.DataFrame, epochs: pd.DataFrame, stem: str) -> bool:
+    """Whether the learning curves of runs can be drawn; says which finished runs have no per-epoch records (a
+    results.csv without its epochs.csv, from before epochs.csv, or a run folder whose metrics.jsonl is gone).
+    False, and the figure is skipped (an existing one is left as it is), when no finished run has any."""
+    finished = runs.loc[runs["status"] == "finished", "run_dir"]
+    bare = finished[~finished.isin(set(epochs["run_dir"]))]
+    if len(finished) and len(bare) == len(finished):
+        print(
+            f"note: no per-epoch records in this input for any of its {len(finished)} finished runs (a results.csv "
+            f"without its {EPOCHS_CSV}, or run folders without metrics.jsonl): {stem}.png not drawn"
+        )
+        return False
+    if len(bare):
+        print(f"note: {len(bare)} of {len(finished)} finished runs have no per-epoch records: not in {stem}.png")
+    return True
+
+
 def analyze(paths: Iterable[str | Path] | str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
-    """Collect every run under paths and write results.csv/.md, summary.csv, fidelity.json and the figures (the
-    roadmap, top-1 vs GFLOPs, and the learning curves from each run's metrics.jsonl); with leave-one-out runs
-    (without=) also leave_one_out.csv/.md/.png/.svg (analysis.leave_one_out).
+    """Collect every run under paths and write results.csv/.md, epochs.csv (every run's per-epoch records),
+    summary.csv, fidelity.json and the figures (the roadmap, top-1 vs GFLOPs, and the learning curves from each
+    run's metrics.jsonl, or from the epochs.csv beside a results.csv given as input; not drawn, with a note, when the
+    input has finished runs and no per-epoch record); with leave-one-out runs (without=) also
+    leave_one_out.csv/.md/.png/.svg (analysis.leave_one_out).
 
     out_dir defaults to the first path (its folder when it is a results.csv). Run folders are named relative to
     out_dir in every file written, so the results stay valid when the folder is moved or committed. One
@@ -106,7 +127,9 @@ def analyze(paths: Iterable[str | Path] | str | Path, out_dir: str | Path | None
         written[name] = out / name
         return out / name
 
+    epochs = collect_epochs(df, paths)  # read before anything is written: out may hold the input's epochs.csv
     portable(df, out).to_csv(put("results.csv"), index=False)
+    portable(epochs, out).to_csv(put(EPOCHS_CSV), index=False)
     summary.to_csv(put("summary.csv"), index=False)
     if records:
         put("fidelity.json").write_text(fidelity_json(records))
@@ -126,8 +149,11 @@ def analyze(paths: Iterable[str | Path] | str | Path, out_dir: str | Path | None
         caption = captions.get(regime) if roadmap == PAPER else None
         roadmap_figure(rows, out / f"roadmap{suffix}", regime=regime, caption=caption, roadmap=roadmap)
         flops_figure(rows, out / f"roadmap_flops{suffix}", regime=regime)
-        curves_figure(runs, out / f"curves{suffix}", regime=regime)
-        for stem in (f"roadmap{suffix}", f"roadmap_flops{suffix}", f"curves{suffix}"):
+        stems = [f"roadmap{suffix}", f"roadmap_flops{suffix}"]
+        if _has_curves(runs[runs["regime"] == regime], epochs, f"curves{suffix}"):
+            curves_figure(runs, out / f"curves{suffix}", regime=regime, epochs=epochs)
+            stems.append(f"curves{suffix}")
+        for stem in stems:
             for ext in ("png", "svg"):
                 put(f"{stem}.{ext}")
     loo = leave_one_out(summary)

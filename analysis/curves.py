@@ -12,46 +12,38 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from analysis.figure import STYLE, _colour, _new_figure, _save
-from analysis.runs import _read_metrics, paper_step
+from analysis.runs import collect_epochs, paper_step
 
 LINESTYLES = ("-", "--", ":", "-.")  # bars of one group share its colour; the line style tells them apart
 CURVES = (("top1", "test top-1 (%)"), ("train_loss", "training loss"))
 
 
-def epoch_curves(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per (regime, bar, seed, epoch) from each run's metrics.jsonl: top1 and train_loss (NaN where the
-    epoch was not evaluated). Finished and running runs only; run folders that are gone are skipped."""
-    rows = []
-    for _, run in runs.iterrows():
-        if run["status"] not in ("finished", "running"):
-            continue
-        for rec in _read_metrics(Path(str(run["run_dir"])) / "metrics.jsonl"):
-            rows.append(
-                {
-                    "regime": run["regime"],
-                    "bar": run["bar"],
-                    "seed": run["seed"],
-                    "order": run["order"],
-                    "epoch": pd.to_numeric(rec.get("epoch"), errors="coerce"),
-                    "top1": pd.to_numeric(rec.get("top1"), errors="coerce"),
-                    "train_loss": pd.to_numeric(rec.get("train_loss"), errors="coerce"),
-                }
-            )
+def epoch_curves(runs: pd.DataFrame, epochs: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per (regime, bar, seed, epoch): top1 and train_loss (NaN where the epoch was not evaluated), from
+    epochs (analysis.runs.collect_epochs: metrics.jsonl, or an epochs.csv beside a results.csv) or, when None,
+    from each run's metrics.jsonl. Finished and running runs only; runs without records are skipped."""
     columns = ["regime", "bar", "seed", "order", "epoch", "top1", "train_loss"]
-    return pd.DataFrame(rows, columns=columns).dropna(subset=["epoch"])
+    live = runs[runs["status"].isin(("finished", "running"))]
+    if epochs is None:
+        epochs = collect_epochs(live)
+    ep = live[["run_dir", "regime", "bar", "seed", "order"]].merge(epochs, on="run_dir", how="inner", sort=False)
+    return ep[columns].dropna(subset=["epoch"]).reset_index(drop=True)
 
 
-def curves_figure(runs: pd.DataFrame, out_stem: Path, regime: str = "r50") -> Figure:
+def curves_figure(
+    runs: pd.DataFrame, out_stem: Path, regime: str = "r50", epochs: pd.DataFrame | None = None
+) -> Figure:
     """Top-1 and training loss vs epoch, one line per bar (gid '<metric>:<bar>') with a min-max band over seeds;
-    writes out_stem.png/.svg and returns the Figure. Epochs without a value (eval_every) are skipped."""
+    writes out_stem.png/.svg and returns the Figure. Epochs without a value (eval_every) are skipped. epochs: the
+    per-epoch records (analysis.runs.collect_epochs); None reads each run's metrics.jsonl."""
     with mpl.rc_context(STYLE):
-        return _curves_figure(runs, out_stem, regime)
+        return _curves_figure(runs, out_stem, regime, epochs)
 
 
-def _curves_figure(runs: pd.DataFrame, out_stem: Path, regime: str) -> Figure:
+def _curves_figure(runs: pd.DataFrame, out_stem: Path, regime: str, epochs: pd.DataFrame | None) -> Figure:
     """curves_figure's body, run inside the style context."""
     sub = runs[runs["regime"].fillna("unknown") == regime] if "regime" in runs.columns else runs
-    ep = epoch_curves(sub)
+    ep = epoch_curves(sub, epochs)
     fig = _new_figure((14, 6.2))
     axes = fig.subplots(1, 2)
     bars = list(dict.fromkeys(ep.sort_values(["order", "bar"], kind="stable")["bar"])) if len(ep) else []
@@ -77,8 +69,11 @@ def _curves_figure(runs: pd.DataFrame, out_stem: Path, regime: str) -> Figure:
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
         ax.grid(True)
-        if not bars:
-            ax.text(0.5, 0.5, "no finished epochs yet", transform=ax.transAxes, ha="center", va="center", color="grey")
+        if not bars:  # a finished run without records: its metrics.jsonl is gone, or a results.csv came alone
+            empty = (
+                "no per-epoch records in this input" if sub["status"].eq("finished").any() else "no finished epochs yet"
+            )
+            ax.text(0.5, 0.5, empty, transform=ax.transAxes, ha="center", va="center", color="grey")
         elif ax.get_lines():
             ax.xaxis.get_major_locator().set_params(integer=True)
     axes[0].set_title("Test top-1", loc="left", fontweight="bold")

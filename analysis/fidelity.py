@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from ablations import STEP_NAMES
 
@@ -63,32 +65,25 @@ PAPER_SOURCE = {
     "r200": "Table 11 (one decimal, single runs)",
 }
 BIG_STEP = 0.5  # a step whose paper change is at least this many points is one a proxy can be asked to match in sign
+# A change smaller than this prints as +0.00 / −0.00 in every table: it has no sign, so it neither agrees with the
+# paper nor goes the other way; it still counts among the compared steps (it did not move the paper's way).
+NO_CHANGE = 0.005
 START, END = STEP_NAMES[0], STEP_NAMES[-1]  # the headline: ResNet (modern recipe) -> ConvNeXt
 
 
 def spearman(x, y) -> float:
-    """Spearman's rho: Pearson correlation of the average ranks (ties share their mean rank); NaN when undefined."""
-    rx = pd.Series(x, dtype=float).rank(method="average").to_numpy()
-    ry = pd.Series(y, dtype=float).rank(method="average").to_numpy()
-    return _pearson(rx, ry)
-
-
-def _pearson(x: np.ndarray, y: np.ndarray) -> float:
-    """Pearson correlation, NaN with fewer than 2 points or a constant side."""
-    if len(x) < 2:
-        return math.nan
-    dx, dy = x - x.mean(), y - y.mean()
-    den = math.sqrt(float((dx * dx).sum() * (dy * dy).sum()))
-    return float((dx * dy).sum()) / den if den > 0 else math.nan
+    """Spearman's rho (scipy: Pearson correlation of average ranks, ties share their mean rank); NaN when undefined."""
+    with warnings.catch_warnings():  # a constant side is "no ranking" (NaN, with its reason), not a warning
+        warnings.simplefilter("ignore", stats.ConstantInputWarning)
+        return float(stats.spearmanr(np.asarray(x, dtype=float), np.asarray(y, dtype=float)).statistic)
 
 
 def kendall_tau_b(x, y) -> float:
-    """Kendall's tau-b: (concordant - discordant) / sqrt(pairs untied in x * pairs untied in y); NaN when undefined."""
-    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    i, j = np.triu_indices(len(x), k=1)
-    sx, sy = np.sign(x[j] - x[i]), np.sign(y[j] - y[i])
-    den = math.sqrt(float(np.count_nonzero(sx)) * float(np.count_nonzero(sy)))
-    return float((sx * sy).sum()) / den if den > 0 else math.nan
+    """Kendall's tau-b (scipy: ties in either side shrink the denominator); NaN when undefined."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", stats.ConstantInputWarning)
+        tau = stats.kendalltau(np.asarray(x, dtype=float), np.asarray(y, dtype=float), variant="b").statistic
+    return float(tau)
 
 
 def _finite(x) -> bool:
@@ -154,13 +149,18 @@ def headline(steps: pd.DataFrame) -> dict:
 
 
 def big_step_signs(steps: pd.DataFrame, threshold: float = BIG_STEP) -> dict:
-    """For the steps the paper moves by >= threshold points: does our change from the previous step have its sign?"""
+    """For the steps the paper moves by >= threshold points: does our change from the previous step have its sign?
+
+    A change under NO_CHANGE (shown as ±0.00) is neither: it is listed under no_change, counts among the compared
+    steps and not among those that agree (agree False, no_change True in its row).
+    """
     big = steps[steps["paper_change"].abs() >= threshold]
-    rows, agree, disagree, unmeasured = [], [], [], []
+    rows, agree, disagree, flat, unmeasured = [], [], [], [], []
     for _, r in big.iterrows():
         prev = STEP_NAMES[STEP_NAMES.index(r["step"]) - 1]
         measured = _finite(r["change"])
-        ok = bool(measured and np.sign(r["change"]) == np.sign(r["paper_change"]))
+        zero = bool(measured and abs(r["change"]) < NO_CHANGE)
+        ok = bool(measured and not zero and np.sign(r["change"]) == np.sign(r["paper_change"]))
         rows.append(
             {
                 "step": r["step"],
@@ -168,10 +168,11 @@ def big_step_signs(steps: pd.DataFrame, threshold: float = BIG_STEP) -> dict:
                 "paper_change": float(r["paper_change"]),
                 "change": float(r["change"]) if measured else None,
                 "agree": ok if measured else None,
+                "no_change": zero,
             }
         )
-        (agree if ok else disagree if measured else unmeasured).append(r["step"])
-    compared = len(agree) + len(disagree)
+        (agree if ok else flat if zero else disagree if measured else unmeasured).append(r["step"])
+    compared = len(agree) + len(disagree) + len(flat)
     return {
         "threshold": threshold,
         "agree": len(agree),
@@ -179,6 +180,7 @@ def big_step_signs(steps: pd.DataFrame, threshold: float = BIG_STEP) -> dict:
         "total": len(big),
         "text": f"{len(agree)}/{compared}" if compared else None,
         "disagree": disagree,
+        "no_change": flat,
         "not_measured": unmeasured,
         "steps": rows,
         "reason": None if compared else "no big step has finished runs of it and of its previous step",
@@ -298,7 +300,8 @@ def fidelity_json(records: list[dict]) -> str:
         "about": (
             "Agreement of our roadmap with the paper's, per regime. headline: mean top-1 of "
             f"{END} minus {START}, se = sqrt(s1^2/n1 + s2^2/n2) over seeds. big_step_signs: steps whose paper "
-            f"change from the previous step is >= {BIG_STEP} points, and whether our change has the same sign. "
+            f"change from the previous step is >= {BIG_STEP} points, and whether our change has the same sign (a "
+            f"change under {NO_CHANGE} points, shown as 0.00, is no_change: compared, neither agreeing nor opposite). "
             "rank_correlation: Spearman and Kendall tau-b of the 13 step means against the paper's. noise_floor: "
             "median over steps (>= 2 seeds) of the seed std. null = not computable, with a reason."
         ),
@@ -340,7 +343,9 @@ def fidelity_caption(rec: dict) -> str:
     parts = [f"headline {head} (paper {_signed(h['paper'])})"]
     if b["text"]:
         signs = f"big-step signs {b['text']}" + (f" of {b['total']}" if b["compared"] < b["total"] else "")
-        parts.append(signs + (f" (✗ {', '.join(b['disagree'])})" if b["disagree"] else ""))
+        marks = [f"✗ {', '.join(b['disagree'])}"] if b["disagree"] else []
+        marks += [f"no change: {', '.join(b['no_change'])}"] if b.get("no_change") else []
+        parts.append(signs + (f" ({'; '.join(marks)})" if marks else ""))
     else:
         parts.append("big-step signs –")
     parts.append(f"Spearman {_plain(rc['spearman'])} · Kendall {_plain(rc['kendall'])}")
@@ -357,6 +362,15 @@ def fidelity_caption(rec: dict) -> str:
         else:
             lines[-1] += " · " + part
     return "\n".join(lines + ([" · ".join(line2)] if line2 else []))
+
+
+def _same_sign_cell(row: dict) -> str:
+    """The 'same sign' cell of a big step: yes, **no**, no change (±0.00: neither), or – when not measured."""
+    if row["agree"] is None:
+        return "–"
+    if row["agree"]:
+        return "yes"
+    return "no change" if row.get("no_change") else "**no**"
 
 
 def fidelity_markdown(records: list[dict]) -> str:
@@ -387,6 +401,8 @@ def fidelity_markdown(records: list[dict]) -> str:
             signs += f" ({b['total'] - b['compared']} of {b['total']} not measured: {', '.join(b['not_measured'])})"
         if b.get("disagree"):
             signs += f"; opposite sign: {', '.join(b['disagree'])}"
+        if b.get("no_change"):
+            signs += f"; no change (±0.00, counted as not agreeing): {', '.join(b['no_change'])}"
         out.append(
             f"| big steps (paper change ≥ {BIG_STEP}) with the paper's sign | {signs} | {b['total']}/{b['total']} |"
         )
@@ -402,7 +418,7 @@ def fidelity_markdown(records: list[dict]) -> str:
                 "|---|---:|---:|---|---|",
             ]
             for r in b["steps"]:
-                same = "–" if r["agree"] is None else "yes" if r["agree"] else "**no**"
+                same = _same_sign_cell(r)
                 beyond = (
                     "–"
                     if r["change"] is None or nf["value"] is None
@@ -421,7 +437,7 @@ def fidelity_markdown(records: list[dict]) -> str:
 
 
 __all__ = [
-    "BIG_STEP", "PAPER_SOURCE", "PAPER_TOP1", "big_step_signs", "fidelity", "fidelity_caption", "fidelity_json",
-    "fidelity_markdown", "headline", "kendall_tau_b", "missing", "noise_floor", "rank_correlation", "spearman",
-    "step_table",
+    "BIG_STEP", "NO_CHANGE", "PAPER_SOURCE", "PAPER_TOP1", "big_step_signs", "fidelity", "fidelity_caption",
+    "fidelity_json", "fidelity_markdown", "headline", "kendall_tau_b", "missing", "noise_floor", "rank_correlation",
+    "spearman", "step_table",
 ]  # fmt: skip

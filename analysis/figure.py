@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -31,6 +32,7 @@ ROADMAP_NAMES = [s.name for s in ROADMAP]
 ARCH = {"r50": ("ResNet-50", "ConvNeXt-T"), "r200": ("ResNet-200", "ConvNeXt-B")}
 STATUS_COLOUR = {"running": "#1f77b4", "failed": "#d62728", "broken": "#d62728", "missing": "#7f7f7f"}
 HATCH = "///"
+LABEL_GAP = 2.0  # points of free space a point label keeps from every marker, line and error bar
 
 
 STYLE = {
@@ -376,64 +378,250 @@ def _obstacles(ax, renderer) -> np.ndarray:
                 xy = np.vstack([xy, a + np.linspace(0, 1, k + 1)[:, None] * (b - a)])
         boxes.extend((x - r, y - r, x + r, y + r) for x, y in xy)
 
+    px = ax.figure.dpi / 72  # marker sizes are in points
+    gap = LABEL_GAP * px  # a label that only grazes a marker or an error bar still reads as sitting on it
     for line in ax.get_lines():
         xy = line.get_transform().transform(np.column_stack(line.get_data()).astype(float))
         joined = line.get_linestyle() not in ("None", "none", "", " ")
-        trace(xy, joined, 1.5 if joined else 4.5)
+        if joined:
+            trace(xy, True, gap)
+        if line.get_marker() not in (None, "None", "none", "", " "):  # half the marker plus its edge
+            trace(xy, False, (line.get_markersize() + line.get_markeredgewidth()) * px / 2 + gap)
     for coll in ax.collections:  # error bars
         if isinstance(coll, LineCollection):
             for seg in coll.get_segments():
-                trace(coll.get_transform().transform(np.asarray(seg, dtype=float)), True, 1.5)
+                trace(coll.get_transform().transform(np.asarray(seg, dtype=float)), True, gap)
     return np.array(boxes, dtype=float).reshape(-1, 4)
 
 
-def _place_labels(fig: Figure, ax, points: list[tuple[float, float, str, str]], fontsize: float = 8) -> None:
-    """Label points without overlaps: try offsets around each point, nearest first, keep the first free spot.
+# Point labels are placed by our own search over fixed spots around each point (below) rather than by adjustText,
+# the library for this: on the committed sweep's crowded kernel-size cluster (docs/results.csv) adjustText 1.4's
+# force-based moves left labels on lines and error bars and took several times as long; this search is
+# deterministic and its cost says exactly what a label may not cover.
+LEADER_FROM = 12  # offsets (points) beyond which a label gets a leader line to its point
+# What a label spot costs, against its distance from the point in points: a box on a marker, line, error bar or label
+# (each obstacle box it touches), a leader line through another label or across another leader, or through a marker
+# or line (per 3 px).
+COST = {"box": 1000, "leader_label": 100, "tangle": 30, "leader_mark": 3, "distance": 2}
+SPOT_RADII = (6, 9, 12, 16, 20, 25, 30, 36, 42, 50, 60, 72)  # points from the point to the label's anchor
+# beside, above/below, then ever finer diagonals: equal costs go to the earlier, so labels prefer the plain sides
+SPOT_ANGLES = (0, 180, 90, 270, 30, 150, 330, 210, 60, 120, 300, 240, 15, 165, 345, 195, 45, 135, 315, 225, 75, 105,
+               285, 255)  # fmt: skip
+UNTANGLE_TOP = 15  # spots per label tried jointly when two leaders cross
+PLACEMENT_SWEEPS = 4  # passes that move each label to its best spot given the others (usually 1-2 change anything)
 
-    Candidate boxes are computed from each label's measured size, so only the chosen label is ever drawn.
+
+def _hits(taken: np.ndarray, box) -> int:
+    """How many obstacle boxes overlap box (x0, y0, x1, y1)."""
+    return int(
+        np.count_nonzero(
+            (taken[:, 0] < box[2]) & (taken[:, 2] > box[0]) & (taken[:, 1] < box[3]) & (taken[:, 3] > box[1])
+        )
+    )
+
+
+def _leader(point, box, skip: float) -> np.ndarray:
+    """Pixels sampled along the leader line from the label's box to its point: outside the box, and farther than
+    skip from the point (the point's own marker), every 3 px."""
+    (x, y), centre = np.asarray(point, dtype=float), np.array([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2])
+    k = max(int(np.hypot(*(centre - (x, y))) / 3), 1)
+    xy = (x, y) + np.linspace(0, 1, k + 1)[:, None] * (centre - (x, y))
+    inside = (xy[:, 0] >= box[0]) & (xy[:, 0] <= box[2]) & (xy[:, 1] >= box[1]) & (xy[:, 1] <= box[3])
+    return xy[~inside & (np.hypot(xy[:, 0] - x, xy[:, 1] - y) > skip)]
+
+
+def _leader_hits(taken: np.ndarray, xy: np.ndarray) -> int:
+    """How many leader pixels xy fall in an obstacle box (a leader through another label or marker)."""
+    if not len(xy) or not len(taken):
+        return 0
+    inside = (
+        (taken[None, :, 0] <= xy[:, None, 0])
+        & (xy[:, None, 0] <= taken[None, :, 2])
+        & (taken[None, :, 1] <= xy[:, None, 1])
+        & (xy[:, None, 1] <= taken[None, :, 3])
+    )
+    return int(inside.any(axis=1).sum())
+
+
+def _overlaps(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(len(a), len(b)) booleans: which boxes (x0, y0, x1, y1) of a overlap which of b."""
+    return (
+        (a[:, None, 0] < b[None, :, 2])
+        & (a[:, None, 2] > b[None, :, 0])
+        & (a[:, None, 1] < b[None, :, 3])
+        & (a[:, None, 3] > b[None, :, 1])
+    )
+
+
+def _crossings(mine: np.ndarray, lines: np.ndarray) -> np.ndarray:
+    """For each segment of mine (S, 2, 2), how many of lines (n, 2, 2) it crosses."""
+    if not len(lines) or not len(mine):
+        return np.zeros(len(mine), dtype=int)
+    p, r = mine[:, None, 0], mine[:, None, 1] - mine[:, None, 0]  # (S, 1, 2)
+    q, t = lines[None, :, 0], lines[None, :, 1] - lines[None, :, 0]  # (1, n, 2)
+    den = r[..., 0] * t[..., 1] - r[..., 1] * t[..., 0]
+    ok = np.abs(den) > 1e-9  # parallel: they may overlap, but a leader pair at one angle reads as one line anyway
+    den = np.where(ok, den, 1.0)
+    u = ((q[..., 0] - p[..., 0]) * t[..., 1] - (q[..., 1] - p[..., 1]) * t[..., 0]) / den
+    v = ((q[..., 0] - p[..., 0]) * r[..., 1] - (q[..., 1] - p[..., 1]) * r[..., 0]) / den
+    return (ok & (u >= 0) & (u <= 1) & (v >= 0) & (v <= 1)).sum(axis=1)
+
+
+def _spots(x_d: float, y_d: float, w: float, h: float, frame, px: float, skip: float) -> list[tuple]:
+    """Candidate spots for a w x h label of the point (x_d, y_d), nearest first, inside frame: (dx, dy in points,
+    ha, va, radius, box in pixels, leader pixels outside the point's marker, the leader's whole segment)."""
+    out = []
+    for r in SPOT_RADII:
+        for a in SPOT_ANGLES:
+            dx, dy = r * math.cos(math.radians(a)), r * math.sin(math.radians(a))
+            ha = "left" if dx > 1 else "right" if dx < -1 else "center"
+            va = "bottom" if dy > 1 else "top" if dy < -1 else "center"
+            x0 = x_d + dx * px - {"left": 0, "right": w, "center": w / 2}[ha]
+            y0 = y_d + dy * px - {"bottom": 0, "top": h, "center": h / 2}[va]
+            box = (x0, y0, x0 + w, y0 + h)
+            if box[0] < frame.x0 or box[2] > frame.x1 or box[1] < frame.y0 or box[3] > frame.y1:
+                continue
+            leader = _leader((x_d, y_d), box, skip) if r > LEADER_FROM else np.empty((0, 2))
+            line = np.vstack([(x_d, y_d), leader[-1]]) if len(leader) else np.empty((0, 2))  # point to box edge
+            out.append((dx, dy, ha, va, r, box, leader, line))
+    if not out:  # no spot inside the axes at all: beside the point anyway
+        box = (x_d, y_d - h / 2, x_d + w, y_d + h / 2)
+        out.append((6, 0, "left", "center", 6, box, np.empty((0, 2)), np.empty((0, 2))))
+    return out
+
+
+class _Placement:
+    """Which candidate spot each label takes, and what its spots cost given the others (see _place_labels).
+
+    Costs are computed for all spots of a label at once (numpy), from arrays built once per label: spot boxes
+    (S, 4), leader pixels padded to (S, M, 2) with a mask, leader segments (S, 2, 2), the cost against the fixed
+    obstacles (S,)."""
+
+    def __init__(self, fixed: np.ndarray, spots: list[list[tuple]]):
+        self.spots = spots
+        self.choice: list[int | None] = [None] * len(spots)
+        self.boxes, self.pixels, self.mask, self.lines, self.has_line, self.alone = [], [], [], [], [], []
+        for spot_list in spots:
+            m = max([len(sp[6]) for sp in spot_list] + [1])
+            pixels, mask = np.zeros((len(spot_list), m, 2)), np.zeros((len(spot_list), m), dtype=bool)
+            for k, sp in enumerate(spot_list):
+                pixels[k, : len(sp[6])], mask[k, : len(sp[6])] = sp[6], True
+            self.boxes.append(np.array([sp[5] for sp in spot_list], dtype=float))
+            self.pixels.append(pixels)
+            self.mask.append(mask)
+            self.lines.append(np.array([sp[7] if len(sp[7]) else np.zeros((2, 2)) for sp in spot_list], dtype=float))
+            self.has_line.append(np.array([len(sp[7]) > 0 for sp in spot_list]))
+            self.alone.append(  # the fixed obstacles are thousands of boxes: counted once per spot
+                np.array(
+                    [
+                        COST["box"] * _hits(fixed, sp[5])
+                        + COST["leader_mark"] * _leader_hits(fixed, sp[6])
+                        + COST["distance"] * sp[4]
+                        for sp in spot_list
+                    ]
+                )
+            )
+
+    def costs(self, i: int) -> np.ndarray:
+        """What each spot costs label i, with every other placed label where it stands now."""
+        placed = [(j, c) for j, c in enumerate(self.choice) if c is not None and j != i]
+        if not placed:
+            return self.alone[i]
+        boxes = np.array([self.boxes[j][c] for j, c in placed])  # (k, 4)
+        pixels = np.vstack([self.pixels[j][c][self.mask[j][c]] for j, c in placed])  # (m, 2)
+        lines = np.array([self.lines[j][c] for j, c in placed if self.has_line[j][c]]).reshape(-1, 2, 2)
+        mine = self.boxes[i]
+        on_labels = _overlaps(mine, boxes).sum(axis=1)
+        px, inside = self.pixels[i], np.zeros(self.mask[i].shape, dtype=bool)
+        for b in boxes:  # my leader through another label, pixel by pixel
+            inside |= (b[0] <= px[..., 0]) & (px[..., 0] <= b[2]) & (b[1] <= px[..., 1]) & (px[..., 1] <= b[3])
+        through = (inside & self.mask[i]).sum(axis=1)
+        crossed = (  # other leaders through my box
+            (mine[:, None, 0] <= pixels[None, :, 0])
+            & (pixels[None, :, 0] <= mine[:, None, 2])
+            & (mine[:, None, 1] <= pixels[None, :, 1])
+            & (pixels[None, :, 1] <= mine[:, None, 3])
+        ).sum(axis=1)
+        tangled = _crossings(self.lines[i], lines) * self.has_line[i]
+        return (
+            self.alone[i]
+            + COST["box"] * on_labels
+            + COST["leader_label"] * (through + crossed)
+            + COST["tangle"] * tangled
+        )
+
+    def settle(self, order: list[int]) -> None:
+        """Greedy in order, then sweeps moving each label to its cheapest spot given the others, until none moves."""
+        for sweep in range(PLACEMENT_SWEEPS + 1):
+            moved = False
+            for i in order:
+                costs = self.costs(i)
+                best = int(np.argmin(costs))  # the first of equal costs: the nearest spot
+                if self.choice[i] is None or costs[best] < costs[self.choice[i]]:
+                    moved |= self.choice[i] is not None
+                    self.choice[i] = best
+            if sweep and not moved:
+                break
+
+    def untangle(self) -> None:
+        """Two labels whose leaders cross move together: one at a time, they cannot swap sides."""
+        for i, j in itertools.combinations(range(len(self.spots)), 2):
+            a, b = self.choice[i], self.choice[j]
+            if not (self.has_line[i][a] and self.has_line[j][b]):
+                continue
+            if not _crossings(self.lines[i][a : a + 1], self.lines[j][b : b + 1])[0]:
+                continue
+            self.choice[i] = self.choice[j] = None
+            top_i = [a, *np.argsort(self.costs(i), kind="stable")[:UNTANGLE_TOP].tolist()]
+            top_j = [b, *np.argsort(self.costs(j), kind="stable")[:UNTANGLE_TOP].tolist()]
+            cost_i = {}  # i's cost at each spot p with j at q, then j's with i at p
+            for q in top_j:
+                self.choice[j] = q
+                cost_i[q] = self.costs(i)
+            self.choice[j] = None
+            cost_j = {}
+            for p in top_i:
+                self.choice[i] = p
+                cost_j[p] = self.costs(j)
+            pairs = [(cost_i[q][p] + cost_j[p][q], p, q) for p in top_i for q in top_j]
+            _, self.choice[i], self.choice[j] = min(pairs, key=lambda t: t[0])  # ties: the spots they had
+
+
+def _place_labels(fig: Figure, ax, points: list[tuple[float, float, str, str]], fontsize: float = 8) -> None:
+    """Label points without overlaps: every label takes the cheapest of the spots around its point.
+
+    A spot costs its distance plus COST for what it would cover: the label's box on a marker, line, error bar or
+    another label (keeping LABEL_GAP from each), its leader line (far labels) through another label, across another
+    leader or through a marker, another label's leader through its box. Labels of crowded points are placed first,
+    then each is moved to its cheapest spot given all the others until none moves, and two whose leaders still
+    cross are re-placed together: one greedy pass lets an early label take the only free spot of a later one. A
+    label overlaps something only where no spot in reach is free. Call it once the figure is complete (legend,
+    titles): labels sit at offsets in points, so a later change of the axes' size would move points under them.
     """
+    # ---- geometry: final layout, fixed obstacles, each label's candidate spots
     fig.canvas.draw()  # settles the constrained layout so display coordinates are final
     renderer = fig.canvas.get_renderer()
     frame = ax.get_window_extent(renderer)
-    taken = _obstacles(ax, renderer)
     px = fig.dpi / 72  # offsets are in points, boxes in pixels
-    angles = [0, 180, 90, 270, 30, 150, 330, 210, 60, 120, 300, 240]
-    radii = (6, 12, 20, 30, 42, 56, 72)
-    for x, y, label, colour in points:
-        probe = ax.text(0, 0, label, fontsize=fontsize)
+    skip = 7 * px  # a leader ends 3 points short of its point, which sits inside its own marker
+    xy = np.array([ax.transData.transform((x, y)) for x, y, _, _ in points], dtype=float).reshape(-1, 2)
+    spots = []
+    for (_, _, label, _), (x_d, y_d) in zip(points, xy):
+        probe = ax.text(0, 0, label, fontsize=fontsize)  # measured, never drawn
         bb = probe.get_window_extent(renderer)
         probe.remove()
-        w, h = bb.width + 2, bb.height + 2
-        x_d, y_d = ax.transData.transform((x, y))
-        best, best_hits = None, None
-        for r in radii:
-            for a in angles:
-                dx, dy = r * math.cos(math.radians(a)), r * math.sin(math.radians(a))
-                ha = "left" if dx > 1 else "right" if dx < -1 else "center"
-                va = "bottom" if dy > 1 else "top" if dy < -1 else "center"
-                ax0 = x_d + dx * px - {"left": 0, "right": w, "center": w / 2}[ha]
-                ay0 = y_d + dy * px - {"bottom": 0, "top": h, "center": h / 2}[va]
-                box = (ax0, ay0, ax0 + w, ay0 + h)
-                if box[0] < frame.x0 or box[2] > frame.x1 or box[1] < frame.y0 or box[3] > frame.y1:
-                    continue
-                hits = int(
-                    np.count_nonzero(
-                        (taken[:, 0] < box[2])
-                        & (taken[:, 2] > box[0])
-                        & (taken[:, 1] < box[3])
-                        & (taken[:, 3] > box[1])
-                    )
-                )
-                if best_hits is None or hits < best_hits:
-                    best, best_hits = (dx, dy, ha, va, r, box), hits
-                if hits == 0:
-                    break
-            if best_hits == 0:
-                break
-        if best is None:  # no spot inside the axes at all: put it beside the point anyway
-            best = (6, 0, "left", "center", 6, (x_d, y_d, x_d + w, y_d + h))
-        dx, dy, ha, va, r, box = best
-        arrow = {"arrowstyle": "-", "color": colour, "lw": 0.6, "shrinkA": 1, "shrinkB": 3} if r > 12 else None
+        spots.append(_spots(x_d, y_d, bb.width + 2, bb.height + 2, frame, px, skip))
+
+    # ---- choose: crowded points first, their few free spots go to them and not to a neighbour that had room
+    near = (np.hypot(xy[:, None, 0] - xy[None, :, 0], xy[:, None, 1] - xy[None, :, 1]) < 40 * px).sum(axis=1)
+    placement = _Placement(_obstacles(ax, renderer), spots)
+    placement.settle(sorted(range(len(points)), key=lambda i: -near[i]))
+    placement.untangle()
+
+    # ---- draw
+    for (x, y, label, colour), spot_list, c in zip(points, spots, placement.choice):
+        dx, dy, ha, va, r = spot_list[c][:5]
+        arrow = {"arrowstyle": "-", "color": colour, "lw": 0.6, "shrinkA": 1, "shrinkB": 3} if r > LEADER_FROM else None
         # Far from its point (or points that coincide): a leader line says which point the label belongs to.
         t = ax.annotate(
             label,
@@ -448,7 +636,6 @@ def _place_labels(fig: Figure, ax, points: list[tuple[float, float, str, str]], 
             arrowprops=arrow,
         )
         t.set_in_layout(False)
-        taken = np.vstack([taken, box])
 
 
 def _trajectory(
@@ -460,15 +647,16 @@ def _trajectory(
     title: str,
     xlabel: str,
     empty: str = "no finished runs",
-) -> int:
-    """One accuracy-vs-GFLOPs panel: roadmap steps joined in order, variants as open markers; returns #points."""
+) -> list[tuple[float, float, str, str]]:
+    """One accuracy-vs-GFLOPs panel: roadmap steps joined in order, variants as open markers; returns the point
+    labels (x, y, text, colour) for _place_labels, which must run once the whole figure is laid out."""
     pts = s[s[xcol].map(_isnum) & s[ycol].map(_isnum)] if len(s) else s
     if not len(pts):
         ax.text(0.5, 0.5, empty, transform=ax.transAxes, ha="center", va="center", color="grey")
         ax.set_title(title, loc="left", fontweight="bold")
         ax.set_xticks([])
         ax.set_yticks([])
-        return 0
+        return []
     main = pts[pts["bar"].isin(ROADMAP_NAMES)]
     # joined in the order the roadmap walks them (the order column: the paper's, or a custom roadmap's)
     key = main["order"] if "order" in main.columns else main["bar"].map(ROADMAP_NAMES.index)
@@ -499,8 +687,7 @@ def _trajectory(
     ax.set_ylabel("top-1 (%)")
     ax.grid(True)
     ax.margins(x=0.25, y=0.18)  # room for labels inside the axes
-    _place_labels(ax.figure, ax, labels)
-    return len(pts)
+    return labels
 
 
 def flops_figure(summary: pd.DataFrame, out_stem: Path, regime: str = "r50") -> Figure:
@@ -516,7 +703,7 @@ def _flops_figure(summary: pd.DataFrame, out_stem: Path, regime: str) -> Figure:
     fig = _new_figure((14, 6.2))
     ax, axp = fig.subplots(1, 2)
     ours = s[s["status"].eq("finished")] if len(s) else s
-    _trajectory(
+    labels = _trajectory(
         ax, ours, "gflops", "top1_mean", "top1_std", f"Ours ({regime})", "GFLOPs (the step at 224 px, full width)"
     )
     swin = SWIN.get(regime)
@@ -530,7 +717,7 @@ def _flops_figure(summary: pd.DataFrame, out_stem: Path, regime: str) -> Figure:
             va="bottom",
             fontsize=8,
         )
-    _trajectory(
+    paper_labels = _trajectory(
         axp,
         s,
         "paper_gflops",
@@ -547,6 +734,10 @@ def _flops_figure(summary: pd.DataFrame, out_stem: Path, regime: str) -> Figure:
     ]
     fig.legend(handles=handles, loc="outside lower center", ncol=2, frameon=False)
     fig.suptitle(f"{big} → {small}: accuracy vs. compute", fontsize=13, fontweight="bold")
+    # Labels last: the legend and the title shrink the axes, which moves every point relative to a label placed
+    # before them (labels sit at fixed offsets in points), so they would land on markers and error bars.
+    _place_labels(fig, ax, labels)
+    _place_labels(fig, axp, paper_labels)
     _save(fig, out_stem)
     return fig
 

@@ -35,6 +35,10 @@ RUN_COLUMNS = [
 # comma-joined, without = the left-out steps "+"-joined ("" for none), base_bar = the bar before its toggles
 # code = the git commit the run finished with (summary.json; "+dirty": uncommitted changes), empty when unknown
 COMPLEXITY_KEYS = ("params", "paper_params", "gflops", "gflops_total", "train_gflops")
+# epochs.csv, written beside results.csv: one row per finished epoch of every run (its metrics.jsonl line), so a
+# results.csv kept without its run folders (docs/) still draws the learning curves
+EPOCHS_CSV = "epochs.csv"
+EPOCH_COLUMNS = ["run_dir", "epoch", "train_loss", "lr", "top1", "top5", "epoch_s", "img_per_s"]
 NAN = float("nan")
 
 
@@ -268,6 +272,50 @@ def read_results_csv(path: str | Path) -> pd.DataFrame:
     return df[RUN_COLUMNS]
 
 
+def read_epochs_csv(path: str | Path) -> pd.DataFrame:
+    """The per-epoch rows of an epochs.csv written by analyze (EPOCH_COLUMNS; run_dir resolved against its folder);
+    an empty frame when the file does not exist (a results.csv from before epochs.csv)."""
+    path = Path(path)
+    if not path.is_file():
+        return pd.DataFrame(columns=EPOCH_COLUMNS)
+    try:
+        df = pd.read_csv(path)
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise ValueError(f"{path}: not a per-epoch table ({e})") from e
+    if not {"run_dir", "epoch"} <= set(df.columns):
+        raise ValueError(f"{path}: not a per-epoch table (needs run_dir, epoch; has {', '.join(df.columns)})")
+    for col in EPOCH_COLUMNS:
+        if col not in df.columns:
+            df[col] = NAN
+    base = path.resolve().parent
+    df["run_dir"] = [os.path.normpath(base / str(d)) for d in df["run_dir"]]
+    return df[EPOCH_COLUMNS]
+
+
+def collect_epochs(runs: pd.DataFrame, paths: Iterable[str | Path] = ()) -> pd.DataFrame:
+    """One row per finished epoch of every run in runs (EPOCH_COLUMNS): from the run folder's metrics.jsonl where
+    the folder exists, else from the epochs.csv beside any results.csv among paths (the input collect read)."""
+    kept = [read_epochs_csv(c.with_name(EPOCHS_CSV)) for c in map(results_csv, paths) if c is not None]
+    kept = pd.concat([k for k in kept if len(k)], ignore_index=True) if any(len(k) for k in kept) else None
+    frames = []
+    for run_dir in dict.fromkeys(runs["run_dir"]):
+        folder = Path(str(run_dir))
+        if folder.is_dir():
+            records = _read_metrics(folder / "metrics.jsonl")
+            rows = [{"run_dir": str(run_dir), **{c: r.get(c) for c in EPOCH_COLUMNS[1:]}} for r in records]
+            frame = pd.DataFrame(rows, columns=EPOCH_COLUMNS)
+        elif kept is not None:
+            frame = kept[kept["run_dir"] == str(run_dir)]
+        else:
+            continue
+        frames.append(frame)
+    frames = [f for f in frames if len(f)]
+    out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=EPOCH_COLUMNS)
+    numbers = EPOCH_COLUMNS[1:]
+    out[numbers] = out[numbers].apply(pd.to_numeric, errors="coerce")  # None (an epoch not evaluated) -> NaN
+    return out.dropna(subset=["epoch"]).reset_index(drop=True)[EPOCH_COLUMNS]
+
+
 def collect(paths: Iterable[str | Path] | str | Path) -> pd.DataFrame:
     """One row per run folder found (recursively) under any of paths: status, top-1, complexity, epochs.
 
@@ -444,6 +492,7 @@ def _summary_row(regime: str, bar: str, runs: pd.DataFrame, roadmap: str = PAPER
 
 
 __all__ = [
-    "FIGURE_ORDER", "bar_order", "collect", "find_run_dirs", "groups", "is_roadmap", "load_run", "paper_step",
-    "portable", "read_results_csv", "results_csv", "row_order", "summarize",
+    "EPOCHS_CSV", "EPOCH_COLUMNS", "FIGURE_ORDER", "bar_order", "collect", "collect_epochs", "find_run_dirs",
+    "groups", "is_roadmap", "load_run", "paper_step", "portable", "read_epochs_csv", "read_results_csv",
+    "results_csv", "row_order", "summarize",
 ]  # fmt: skip

@@ -184,6 +184,11 @@ def active_steps(step: str, without: Iterable[str] = (), roadmap: Optional[Itera
     """The steps switched on for `step`: the roadmap up to and including it, minus `without` (roadmap order)."""
     order = roadmap_order(roadmap)
     if step not in order:
+        if step in STEPS:  # a real step that this (custom) roadmap leaves out: not a typo, so say so
+            raise ConfigError(
+                f"step {step!r} exists but this roadmap does not visit it; valid choices on this roadmap: "
+                f"{', '.join(order)} (add {step!r} to the roadmap's steps to walk it)"
+            )
         where = "" if roadmap is None else f" of roadmap {list(order)}"
         raise ConfigError(f"unknown step {step!r}{where}; valid choices: {', '.join(order)}")
     chain = order[: order.index(step) + 1]

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -359,6 +360,51 @@ def test_flops_figure_plots_each_steps_gflops_and_top1(full_sweep, tmp_path):
     assert (tmp_path / "flops.png").exists() and (tmp_path / "flops.svg").exists()
 
 
+def _label_overlaps(fig) -> list[str]:
+    """Point labels of a flops figure (final layout) whose text touches a marker, an error bar or another label."""
+    from matplotlib.collections import LineCollection
+    from matplotlib.text import Annotation, Text
+
+    fig.canvas.draw()
+    renderer, px = fig.canvas.get_renderer(), fig.dpi / 72
+    found = []
+    for ax in fig.axes:
+        labels = [t for t in ax.texts if isinstance(t, Annotation)]
+        boxes = [Text.get_window_extent(t, renderer) for t in labels]  # the text alone, not its leader line
+        marks = []
+        for line in ax.get_lines():
+            if line.get_marker() in (None, "None", "none", "", " "):
+                continue
+            r = (line.get_markersize() + line.get_markeredgewidth()) * px / 2
+            xy = line.get_transform().transform(np.column_stack(line.get_data()).astype(float))
+            marks += [(x - r, y - r, x + r, y + r, "marker") for x, y in xy]
+        for coll in ax.collections:
+            if isinstance(coll, LineCollection):
+                for seg in coll.get_segments():
+                    (x0, y0), (x1, y1) = coll.get_transform().transform(np.asarray(seg, dtype=float))[[0, -1]]
+                    marks.append((min(x0, x1) - 0.5, min(y0, y1), max(x0, x1) + 0.5, max(y0, y1), "error bar"))
+        for k, (t, bb) in enumerate(zip(labels, boxes)):
+            other = [
+                (o.x0, o.y0, o.x1, o.y1, f"label {u.get_text()!r}") for u, o in zip(labels[k + 1 :], boxes[k + 1 :])
+            ]
+            for x0, y0, x1, y1, what in marks + other:
+                if bb.x0 < x1 and bb.x1 > x0 and bb.y0 < y1 and bb.y1 > y0:
+                    found.append(f"{ax.get_title(loc='left')}: {t.get_text()!r} on a {what}")
+    return found
+
+
+def test_flops_figure_labels_clear_markers_error_bars_and_each_other(tmp_path):
+    """The committed sweep's crowded kernel-size cluster (docs/results.csv): no point label touches a marker, an
+    error bar or another label once the figure is laid out as saved (legend and title included)."""
+    from analysis.figure import flops_figure
+
+    s = summarize(collect([REPO / "docs" / "results.csv"]))
+    fig = flops_figure(s, tmp_path / "flops", regime="r50")
+    labels = [t.get_text() for ax in fig.axes[:2] for t in ax.texts if hasattr(t, "xyann")]
+    assert len(labels) == 2 * 17 and labels.count("kernel sz. → 9") == 2
+    assert _label_overlaps(fig) == []
+
+
 def test_curves_one_line_per_bar_with_mean_top1_per_epoch(tmp_path):
     """curves.png/.svg: one top-1 and one loss line per bar; the top-1 line is the mean over seeds at each epoch;
     a running run adds its epochs, failed runs and unevaluated epochs (top1 None) are left out."""
@@ -386,6 +432,49 @@ def test_curves_one_line_per_bar_with_mean_top1_per_epoch(tmp_path):
     assert lines["train_loss:gelu"].get_xydata()[:, 1].tolist() == pytest.approx([1.0, 0.5, 1 / 3])
     svg = (tmp_path / "curves.svg").read_text()
     assert 'id="top1:baseline"' in svg and 'id="train_loss:gelu"' in svg and 'id="top1:bn_to_ln"' not in svg
+
+
+def test_epochs_csv_carries_the_learning_curves_of_a_results_csv(tmp_path, capsys):
+    """analyze writes epochs.csv beside results.csv (one row per run and epoch, run folders relative to it); a
+    results.csv whose run folders are gone draws the same curves from it. Without epochs.csv (a results.csv from
+    before it, e.g. docs/results.csv) the curves are not drawn, an existing curves.png is kept, and it says so."""
+    from analysis.curves import curves_figure
+    from analysis.runs import collect_epochs
+
+    sweep = tmp_path / "sweep"
+    for bar, seed in (("baseline", 0), ("baseline", 1), ("gelu", 0)):
+        write_run(sweep, bar, seed, top1=80.0 + seed + (bar == "gelu"), epochs=3)
+    kept = tmp_path / "kept"
+    analyze([sweep], out_dir=kept)
+    ep = pd.read_csv(kept / "epochs.csv")
+    assert len(ep) == 3 * 3 and list(ep.columns[:2]) == ["run_dir", "epoch"]
+    first = ep[ep["run_dir"] == "../sweep/baseline/seed1"].sort_values("epoch")
+    assert first["top1"].tolist() == [79.0, 80.0, 81.0] and first["train_loss"].tolist() == pytest.approx(
+        [1, 0.5, 1 / 3]
+    )
+
+    def lines(fig) -> dict:
+        """gid -> xy data of the curves' lines."""
+        return {ln.get_gid(): ln.get_xydata().tolist() for ax in fig.axes for ln in ax.get_lines() if ln.get_gid()}
+
+    from_folders = lines(curves_figure(collect([sweep]), tmp_path / "a"))
+    shutil.rmtree(sweep)  # what docs/ keeps: the tables, not the run folders
+    redrawn = tmp_path / "redrawn"
+    written = analyze([kept / "results.csv"], out_dir=redrawn)
+    assert "curves.png" in written and pd.read_csv(redrawn / "epochs.csv").shape == ep.shape
+    runs = collect([kept])  # the results.csv, its run folders gone
+    assert lines(curves_figure(runs, tmp_path / "b", epochs=collect_epochs(runs, [kept]))) == from_folders
+    assert set(from_folders) == {"top1:baseline", "top1:gelu", "train_loss:baseline", "train_loss:gelu"}
+    assert 'id="top1:gelu"' in (redrawn / "curves.svg").read_text()
+
+    (kept / "epochs.csv").unlink()
+    before = (kept / "curves.png").read_bytes()
+    capsys.readouterr()
+    written = analyze([kept / "results.csv"])  # into the same folder, as `python -m analysis docs/results.csv`
+    assert "curves.png" not in written and (kept / "curves.png").read_bytes() == before
+    assert "no per-epoch records in this input for any of its 3 finished runs" in capsys.readouterr().out
+    fig = curves_figure(collect([kept]), tmp_path / "c")
+    assert "no per-epoch records in this input" in [t.get_text() for t in fig.axes[0].texts]
 
 
 def test_status_lists_finished_running_and_failed(tmp_path):

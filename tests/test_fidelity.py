@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from itertools import accumulate
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -89,7 +90,8 @@ def test_proxy_identical_to_paper():
     b = rec["big_step_signs"]
     assert [r["step"] for r in b["steps"]] == BIG_R50
     assert b["text"] == "7/7" and b["disagree"] == [] and b["not_measured"] == []
-    assert rec["rank_correlation"]["spearman"] == pytest.approx(1) and rec["rank_correlation"]["kendall"] == 1
+    assert rec["rank_correlation"]["spearman"] == pytest.approx(1)
+    assert rec["rank_correlation"]["kendall"] == pytest.approx(1)  # scipy's tau-b: two square roots, 1 - 2e-16
     assert rec["rank_correlation"]["n_steps"] == 13
     assert rec["noise_floor"]["value"] == pytest.approx(0.1) and rec["noise_floor"]["n_steps"] == 13
     assert rec["missing"] == [] and rec["paper"].startswith("Table 10")
@@ -125,6 +127,58 @@ def test_one_big_step_with_the_wrong_sign_is_named():
     cap = fidelity_caption(record(three_seeds(list(accumulate(changes, initial=TABLE10[0])))))
     assert "✗ depthwise_conv, large_kernel, fewer_activations" in cap and "noise floor 0.10" in cap
     assert cap.count("\n") == 1 and max(map(len, cap.splitlines())) <= 150
+
+
+def test_a_change_of_zero_is_neither_agreeing_nor_opposite():
+    """large_kernel exactly level with move_up_dwconv (+0.00) and fewer_activations 0.003 below gelu (−0.00): both
+    are 'no change', compared but not agreeing, and never named as the opposite sign."""
+    changes = [b - a for a, b in zip(TABLE10, TABLE10[1:])]
+    changes[STEPS.index("large_kernel") - 1] = 0.0
+    changes[STEPS.index("fewer_activations") - 1] = -0.003
+    rec = record(three_seeds(list(accumulate(changes, initial=TABLE10[0]))))
+    b = rec["big_step_signs"]
+    assert (b["text"], b["agree"], b["compared"]) == ("5/7", 5, 7)
+    assert b["disagree"] == [] and b["no_change"] == ["large_kernel", "fewer_activations"]
+    flat = {r["step"]: r for r in b["steps"] if r["no_change"]}
+    assert set(flat) == {"large_kernel", "fewer_activations"} and not any(r["agree"] for r in flat.values())
+    md = fidelity_markdown([rec])
+    assert "opposite sign" not in md and "**no**" not in md
+    assert "5/7; no change (±0.00, counted as not agreeing): large_kernel, fewer_activations" in md
+    assert (
+        "| large_kernel | +0.65 | +0.00 | no change |" in md
+        and "| fewer_activations | +0.65 | −0.00 | no change |" in md
+    )
+    cap = fidelity_caption(rec)
+    assert "big-step signs 5/7 (no change: large_kernel, fewer_activations)" in cap and "✗" not in cap
+
+
+def test_docs_fidelity_json_is_what_the_code_computes_from_docs_results_csv():
+    """The committed docs/fidelity.json equals fidelity() of the committed docs/results.csv (the rank correlations
+    now come from scipy: the same values to 1e-12; keys added since, e.g. no_change, are not in the old file)."""
+    from analysis import collect
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    (new,) = fidelity(summarize(collect([docs / "results.csv"])))
+    (old,) = json.loads((docs / "fidelity.json").read_text())["groups"]
+
+    def same(a, b, where="") -> None:
+        """a (committed) equals b (recomputed): numbers to 1e-12, every key of a present in b."""
+        if isinstance(a, dict):
+            for k in a:
+                same(a[k], b[k], f"{where}.{k}")
+        elif isinstance(a, list):
+            assert len(a) == len(b), where
+            for i, (x, y) in enumerate(zip(a, b)):
+                same(x, y, f"{where}[{i}]")
+        elif isinstance(a, float):
+            assert b == pytest.approx(a, rel=1e-12, abs=1e-12), where
+        else:
+            assert a == b, where
+
+    same(old, new)
+    assert new["rank_correlation"]["spearman"] == pytest.approx(-0.66, abs=0.005)
+    # tau = (concordant - discordant) / pairs = -38 / 78: discordant pairs outnumber concordant ones by 38
+    assert new["rank_correlation"]["kendall"] == pytest.approx(-19 / 39, rel=1e-12)
 
 
 def test_headline_standard_error_with_three_seeds():

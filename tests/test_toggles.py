@@ -120,7 +120,12 @@ def test_custom_order_walks_its_own_prefix():
         (dict(roadmap=["baseline", "gelux"]), "unknown step 'gelux' in roadmap"),
         (dict(roadmap=["gelu", "baseline"], step="gelu"), "must start with 'baseline'"),
         (dict(roadmap=["baseline", "gelu", "gelu"], step="gelu"), "more than once"),
-        (dict(roadmap=["baseline", "gelu"]), "unknown step 'separate_downsampling' of roadmap"),
+        (
+            dict(roadmap=["baseline", "gelu"]),
+            "step 'separate_downsampling' exists but this roadmap does not visit it; valid choices on this roadmap: "
+            "baseline, gelu",
+        ),
+        (dict(step="large_kernal", roadmap=["baseline", "gelu"]), "unknown step 'large_kernal' of roadmap"),
     ],
 )
 def test_bad_toggles_are_one_paragraph_config_errors(kwargs, expect):
