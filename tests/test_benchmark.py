@@ -339,10 +339,10 @@ def test_timing_is_torch_utils_benchmark():
     assert ips == pytest.approx(8 / 0.01, rel=0.5)
     assert len(calls) >= 1 + 15  # the block-size estimate (a warm-up call), then >= 0.15 s of 0.01 s steps
     # the thread count in force is kept (Timer's own default would be one thread)
-    n = torch.get_num_threads()
     seen = []
+    torch.set_num_threads(2)  # the autouse fixture restores it
     bm.images_per_s(lambda: seen.append(torch.get_num_threads()), 1, iters=1)
-    assert set(seen) == {n}
+    assert set(seen) == {2}
 
 
 def test_memory_columns_only_where_measured():
