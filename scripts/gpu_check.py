@@ -487,6 +487,8 @@ def _rel(p: Path) -> str:
 def check() -> int:
     """Run the stages that fit the budget, then pack the results; 1 when an admitted stage failed or timed out."""
     s = _settings()
+    if shutil.which("timeout") is None:  # coreutils: every stage runs under it
+        raise SystemExit("gpu_check: coreutils `timeout` is not on PATH; every stage needs it")
     plan, work = s["plan"], s["work"]
     work.mkdir(parents=True, exist_ok=True)
     data = s["data"]
