@@ -38,6 +38,7 @@ import math
 import os
 import platform
 import shlex
+import signal
 import statistics
 import sys
 import time
@@ -339,6 +340,8 @@ def benchmark(
     matmuls and convs alike, for every model (see backend_settings). `clock` "process" times with this process's
     CPU time (CPU only), so neighbours on a shared machine do not count. On CUDA, train_mem_mib / infer_mem_mib are
     the peak memory of the model's own phase (weights, gradients, optimizer state, batch, activations, workspace).
+    Under stop_on_sigterm a SIGTERM ends the measurement early: the rows hold the visits done so far, models never
+    visited have none, and df.attrs["stopped"] is the repeat it stopped in (None when complete).
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -347,27 +350,29 @@ def benchmark(
         raise ValueError(f"clock must be one of {sorted(CLOCKS)} ('process' on CPU only), got {clock!r} on {device}")
     if min_run_time is None:
         min_run_time = DEFAULTS[device.type]["min_run_time"]
+    stopped = None  # the repeat during which a SIGTERM arrived (see stop_on_sigterm)
+    train: dict[str, list[float]] = {n: [] for n in models}
+    infer: dict[str, list[float]] = {n: [] for n in models}
     with backend_settings(device, tf32, compile, len(models)):
-        runners = {}
-        for name, make in models.items():
-            torch.manual_seed(0)  # identical random init across runs: the kernels then see the same numbers
-            runners[name] = _Runner(
-                make(),
-                device,
-                batch_size,
-                img_size,
-                num_classes,
-                dtype,
-                channels_last,
-                compile,
-                compile_backend,
-                CLOCKS[clock],
-            )
-        train: dict[str, list[float]] = {n: [] for n in runners}
-        infer: dict[str, list[float]] = {n: [] for n in runners}
-        bar = _progress(repeats * len(runners), progress)
+        runners: dict[str, _Runner] = {}
+        bar = _progress(repeats * len(models), progress)
         try:
+            for name, make in models.items():
+                torch.manual_seed(0)  # identical random init across runs: the kernels then see the same numbers
+                runners[name] = _Runner(
+                    make(),
+                    device,
+                    batch_size,
+                    img_size,
+                    num_classes,
+                    dtype,
+                    channels_last,
+                    compile,
+                    compile_backend,
+                    CLOCKS[clock],
+                )
             for r in range(repeats):
+                stopped = r + 1
                 for name, runner in runners.items():
                     w = max(warmup, 2) if compile and r == 0 else warmup
                     bar.set_postfix_str(f"repeat {r + 1}/{repeats} {name}", refresh=False)
@@ -376,13 +381,16 @@ def benchmark(
                     infer[name].append(i)
                     _free(device)  # the batch and activations of this model must not crowd the next one
                     bar.update()
+            stopped = None
+        except Stopped:  # a time limit: keep every visit measured so far (a model with none has no row)
+            stopped = stopped or 0
         finally:
             bar.close()
             params = {n: r.params for n, r in runners.items()}
             compiled = {n: r.compiled for n, r in runners.items()}
             graphs = {n: sum(r.graphs) for n, r in runners.items()}
             peak = {n: r.peak for n, r in runners.items()}
-            del runners
+            runners.clear()
             _free(device)
     mode = mode_name(dtype, channels_last, compile)
     rows = [
@@ -408,8 +416,29 @@ def benchmark(
             "torch": torch.__version__,
         }
         for n in models
+        if train[n]
     ]
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows, columns=None if rows else ["model", "mode"])
+    df.attrs["stopped"] = stopped
+    return df
+
+
+class Stopped(Exception):
+    """A SIGTERM arrived (a time limit, e.g. the GPU check's): the benchmark ends with what it has measured."""
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """Turn SIGTERM into Stopped while measuring, so that the visits already measured are kept and written."""
+
+    def handler(signum, frame):
+        raise Stopped("SIGTERM")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def _progress(total: int, enabled: bool | None):
@@ -672,25 +701,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     frames = []
     target = TARGET[device.type]
     sections = []
+    stopped = None
     for dtype in dtypes:
-        df = benchmark(
-            factories,
-            device=device,
-            batch_size=batch,
-            img_size=args.img_size,
-            num_classes=args.num_classes,
-            repeats=args.repeats,
-            warmup=args.warmup,
-            iters=args.iters,
-            min_run_time=min_run_time,
-            dtype=dtype,
-            channels_last=args.channels_last,
-            compile=args.compile,
-            tf32=tf32,
-            progress=False if args.no_progress else None,
-            clock=args.clock,
-            compile_backend=args.compile_backend,
-        )
+        with stop_on_sigterm():
+            df = benchmark(
+                factories,
+                device=device,
+                batch_size=batch,
+                img_size=args.img_size,
+                num_classes=args.num_classes,
+                repeats=args.repeats,
+                warmup=args.warmup,
+                iters=args.iters,
+                min_run_time=min_run_time,
+                dtype=dtype,
+                channels_last=args.channels_last,
+                compile=args.compile,
+                tf32=tf32,
+                progress=False if args.no_progress else None,
+                clock=args.clock,
+                compile_backend=args.compile_backend,
+            )
+        stopped = df.attrs["stopped"]
+        if df.empty:
+            break
         df = add_ratios(df, args.regime)
         frames.append(df)
         mode = df["mode"].iloc[0]
@@ -700,10 +734,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\n[{mode}] ({note})")
         print(format_table(df, target=target), flush=True)
         sections.append((mode, note, format_table(df, markdown=True, target=target)))
+        if stopped is not None:
+            break
+    if stopped is not None:  # the files below then hold what was measured
+        header.append(f"STOPPED by SIGTERM in repeat {stopped} of {args.repeats} ({dtype}): partial results")
+        print("\n" + header[-1], flush=True)
+    if not frames:
+        return 143
     result = pd.concat(frames, ignore_index=True)
 
     footer = []
-    if args.flops:
+    if args.flops and stopped is None:
         secs, n = time_flops(args.regime)
         footer.append(f"fvcore counting of the {args.regime} roadmap table ({n} rows at 224px): {secs:.1f}s")
         print("\n" + footer[-1])
@@ -721,7 +762,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         text += [f"- {f}" for f in footer]
         md.write_text("\n".join(text).rstrip() + "\n")
         print(f"wrote {md}")
-    return 0
+    return 0 if stopped is None else 143  # 128 + SIGTERM
 
 
 if __name__ == "__main__":

@@ -223,6 +223,7 @@ class Check:
         self.records: list[dict] = []
         self.env: dict = {}
         self.abort: str | None = None  # set when no later stage can mean anything (e.g. no CUDA)
+        self.output: list[str] = []  # the last lines the latest stage printed
 
     def stage(self, name: str, estimate: float, cmd: list[str]) -> dict | None:
         """Admit, run and record one stage; None (recorded as skipped) when it does not fit or must not run."""
@@ -234,6 +235,7 @@ class Check:
             return None
         self._say(f"{name}: start (estimate {estimate:.0f} s, {self.budget.left():.0f} s left)")
         res = run_stage(cmd, self.log, self.budget.timeout(estimate))
+        self.output = res["tail"]
         rec.update(status=_status(res), wall_s=res["wall_s"], cpu_s=res["cpu_s"], rc=res["rc"])
         if res["rc"] != 0:
             rec["tail"] = res["tail"][-15:]
@@ -271,7 +273,7 @@ class Check:
         cmd = [self.py, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", *files]
         rec = self.stage("tests", self.plan.estimate["tests"], cmd)
         if rec is not None:
-            rec["summary"] = _pytest_summary(self.log_text())
+            rec["summary"] = _pytest_summary(self.output)
 
     def do_short_run(self) -> None:
         """Stage 2b: 2 epochs of ConvNeXt (separate_downsampling) on the plan's profile: wall, img/s, top-1."""
@@ -340,16 +342,11 @@ class Check:
         return {"bars_left": left, "seconds_per_run": each, "left_one_seed_s": sum(each[b] for b in left),
                 "all_17_one_seed_s": sum(each.values())}  # fmt: skip
 
-    def log_text(self) -> str:
-        """The log so far (pytest's summary line is read from it)."""
-        self.log.flush()
-        return Path(self.log.name).read_text(errors="replace")
 
-
-def _pytest_summary(text: str) -> dict:
+def _pytest_summary(output: list[str]) -> dict:
     """The counts of pytest's last summary line ('4 passed, 1 skipped, 396 deselected in 6.7s')."""
     pattern = r"\b(passed|failed|skipped|errors?|deselected)\b.* in [\d.]+s"
-    lines = [ln for ln in text.splitlines() if re.search(pattern, ln)]
+    lines = [ln for ln in output if re.search(pattern, ln)]
     if not lines:
         return {}
     return {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected|xfailed)", lines[-1])}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -374,3 +375,51 @@ def test_cuda_peak_memory_is_each_models_own():
     assert mem["big"] > 4 * big
     assert mem["small"] < big / 10
     assert (df["infer_mem_mib"] > 0).all()
+
+
+class _Killer(_FlagProbe):
+    """On its k-th forward call the process receives a SIGTERM, as from the GPU check's time limit."""
+
+    def __init__(self, k: int):
+        super().__init__([])
+        self.k, self.calls = k, 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == self.k:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().forward(x)
+
+
+def test_sigterm_keeps_the_visits_measured_so_far():
+    """Timer.timeit(1) makes 3 forward calls per phase, 6 per visit: the killer's 8th call is in its second visit,
+    so 'probe' has 2 visits, the killer and 'last' 1; its 4th call is in its first visit, so only 'probe' has one
+    (a model with no finished visit has no row)."""
+    for k, visits in ((8, {"probe": 2, "killer": 1, "last": 1}), (4, {"probe": 1})):
+        models = {"probe": lambda: _FlagProbe([]), "killer": lambda k=k: _Killer(k), "last": lambda: _FlagProbe([])}
+        with bm.stop_on_sigterm():
+            df = bm.benchmark(models, device="cpu", progress=False, **{**TINY, "repeats": 3, "warmup": 0})
+        assert df.attrs["stopped"] == max(visits.values())
+        assert dict(zip(df["model"], (len(v.split(";")) for v in df["train_img_s_all"]))) == visits
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
+    with bm.stop_on_sigterm():  # and without a signal nothing is stopped
+        assert (
+            bm.benchmark({"probe": lambda: _FlagProbe([])}, device="cpu", progress=False, **TINY).attrs["stopped"]
+            is None
+        )
+
+
+def test_cli_writes_the_partial_results_of_a_sigterm(tmp_path, monkeypatch, capsys):
+    """The CLI under a time limit: its CSV and Markdown hold what was measured, it says so, exit status 143."""
+    monkeypatch.setattr(
+        bm, "model_factories", lambda *a: {"probe": lambda: _FlagProbe([]), "killer": lambda: _Killer(8)}
+    )
+    csv, md = tmp_path / "b.csv", tmp_path / "b.md"
+    args = ["--steps", "baseline", "--device", "cpu", "--batch-size", "2", "--img-size", "32", "--repeats", "3",
+            "--num-classes", "10",
+            "--iters", "1", "--no-progress", "--csv", str(csv), "--markdown", str(md)]  # fmt: skip
+    assert bm.main(args) == 143
+    df = pd.read_csv(csv)
+    assert list(df["model"]) == ["probe", "killer"]
+    assert "STOPPED by SIGTERM in repeat 2 of 3 (fp32): partial results" in md.read_text()
+    assert "STOPPED by SIGTERM" in capsys.readouterr().out
