@@ -605,7 +605,7 @@ def markdown_report(rep: dict, work: Path) -> str:
         f"- carried packages: hydra {env.get('hydra', '?')}, omegaconf {env.get('omegaconf', '?')}, fvcore "
         f"{env.get('fvcore', '?')}, submitit {env.get('submitit', '?')}, imported from "
         f"{env.get('imported_from', {}).get('hydra', '?')}",
-        f"- TF32 at start (PyTorch's defaults, which the trainer keeps): matmul {env.get('allow_tf32_matmul')}, cuDNN "
+        f"- TF32 as a process starts (PyTorch's defaults): matmul {env.get('allow_tf32_matmul')}, cuDNN "
         f"{env.get('allow_tf32_cudnn')}, float32 matmul precision {env.get('float32_matmul_precision')!r}; the "
         "benchmark sets TF32 on for matmuls and convs alike, for every model",
         f"- code {st['code']}; plan {st['plan']}; budget {st['minutes']:g} min (GPU_CHECK_MINUTES), "

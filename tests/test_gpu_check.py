@@ -44,7 +44,7 @@ def _members(path: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_dry_run_every_stage_and_its_files(tmp_path, fmnist_dir):
+def test_dry_run_every_stage_and_its_files(tmp_path, fmnist_dir, monkeypatch):
     """Every stage runs its real command at toy sizes; at most 8 files come out, each holding the stage's numbers;
     the run folders unpacked from runs.tar.gz (the next sitting's carry) are reused, not trained again."""
     p = _check(tmp_path, fmnist_dir, 10)
@@ -93,30 +93,23 @@ def test_dry_run_every_stage_and_its_files(tmp_path, fmnist_dir):
     # the next sitting: runs.tar.gz unpacked at a repository root, the finished run is reused from its summary
     with tarfile.open(out / "runs.tar.gz") as t:
         t.extractall(tmp_path / "next", filter="data")
-    c = _offline_check(tmp_path / "next" / "runs", gc.PLANS["cpu"], tmp_path, calls := [])
+    c = _offline_check(tmp_path / "next" / "runs", gc.PLANS["cpu"], tmp_path, calls := [], monkeypatch)
     c.do_runs(["baseline"])
     assert calls == [] and c.records[0]["status"] == "reused" and c.records[0]["top1"] == s["top1"]
 
 
-def _offline_check(runs: Path, plan, tmp_path: Path, calls: list) -> gc.Check:
+def _offline_check(runs: Path, plan, tmp_path: Path, calls: list, monkeypatch) -> gc.Check:
     """A Check whose stage commands are recorded in `calls` instead of run (each 'finishes' in 1 s)."""
 
     def fake(cmd, log, timeout, **kw):
         calls.append((cmd, timeout))
         return {"rc": 0, "wall_s": 1.0, "cpu_s": 1.0, "timed_out": False, "tail": []}
 
-    gc.run_stage = fake
+    monkeypatch.setattr(gc, "run_stage", fake)
     return gc.Check(plan, gc.Budget(600, 45), tmp_path, runs, Path(".data/fashion-mnist"), open(tmp_path / "log", "w"))
 
 
-@pytest.fixture
-def restore_run_stage():
-    real = gc.run_stage
-    yield
-    gc.run_stage = real
-
-
-def test_runs_reuse_finished_folders_and_train_the_rest_with_the_gpu_overrides(tmp_path, restore_run_stage):
+def test_runs_reuse_finished_folders_and_train_the_rest_with_the_gpu_overrides(tmp_path, monkeypatch):
     """The runs stage on the cuda plan: a finished folder (an earlier sitting's) is reused; a failed one is trained
     again, with the gpu profile's command; the sweep projection counts what is left."""
     runs = tmp_path / "runs"
@@ -126,7 +119,7 @@ def test_runs_reuse_finished_folders_and_train_the_rest_with_the_gpu_overrides(t
         d.mkdir(parents=True)
         (d / "summary.json").write_text(json.dumps({"status": status, "top1": 91.5, "wall_s": 100.0}))
     (done / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "epoch_s": 9.0, "img_per_s": 6000.0}) + "\n")
-    c = _offline_check(runs, gc.PLANS["cuda"], tmp_path, calls := [])
+    c = _offline_check(runs, gc.PLANS["cuda"], tmp_path, calls := [], monkeypatch)
     c.do_runs(["baseline", "stage_ratio"])
     assert [r["status"] for r in c.records] == ["reused", "ok"]
     assert c.records[0]["top1"] == 91.5 and c.records[0]["img_per_s"] == [6000.0]
@@ -138,10 +131,10 @@ def test_runs_reuse_finished_folders_and_train_the_rest_with_the_gpu_overrides(t
     assert projection["bars_left"] == [b for b in gc.RUN_ORDER if b != "baseline"]
 
 
-def test_run_estimates_scale_the_short_run_by_the_benchmark(tmp_path, restore_run_stage):
+def test_run_estimates_scale_the_short_run_by_the_benchmark(tmp_path, monkeypatch):
     """A run's estimate: the short run's start-up + the run's epochs at the short run's epoch time, scaled by the
     benchmark's train img/s of the bar's step against separate_downsampling's (FLOPs when not measured)."""
-    c = _offline_check(tmp_path / "runs", gc.PLANS["cuda"], tmp_path, [])
+    c = _offline_check(tmp_path / "runs", gc.PLANS["cuda"], tmp_path, [], monkeypatch)
     sd = gc.GFLOPS["separate_downsampling"]
     assert c.run_estimate("separate_downsampling") == gc.PLANS["cuda"].run_prior_s  # nothing measured yet
     assert c.run_estimate("depthwise_conv") == pytest.approx(gc.PLANS["cuda"].run_prior_s * 2.35 / sd)
