@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STEP    ?= large_kernel
 FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup data run test test-fast lint sweep figure benchmark complexity clean
+.PHONY: setup data run test test-fast lint sweep figure benchmark complexity clean gpu-wheels gpu-check
 
 setup: $(VENV)/.installed data
 
@@ -44,6 +44,14 @@ sweep: setup
 
 complexity: setup
 	$(BIN)/python -m ablations.complexity --regime r50
+
+# The prepared GPU check (docs/gpu.md): gpu-wheels here fills .whl/ and .data/ (both git-ignored, carried to the GPU
+# machine); gpu-check there installs them and runs every GPU stage within GPU_CHECK_MINUTES, results into $OUT.
+gpu-wheels: setup
+	$(BIN)/python scripts/gpu_wheels.py
+
+gpu-check:
+	bash scripts/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -2,13 +2,17 @@
 
 python -m ablations.benchmark [--steps baseline,separate_downsampling] [--regime r50] [--device auto|cpu|cuda]
     [--batch-size N] [--img-size 224] [--modes fp32,bf16] [--channels-last] [--compile] [--tf32 off|on] [--flops]
-    [--clock wall|process]
+    [--clock wall|process] [--min-run-time S | --iters N] [--warmup N] [--repeats R]
     [--csv PATH] [--markdown docs/benchmark.md]
 
-Every model is built once per dtype mode and measured in the same process, interleaved (repeat r visits every
-model in turn), so slow drift of the machine (clocks, other jobs) hits all models alike; the median over repeats
-is reported. The targets: baseline >= 0.95x timm resnet50 and separate_downsampling >= 0.95x timm convnext_tiny
-on CPU, >= 1.0x on GPU.
+The timing is torch.utils.benchmark's: each visit of a model times its training step and its inference step with
+`Timer.blocked_autorange` (or `Timer.timeit(--iters)`), which warms up, synchronises CUDA around the timed blocks,
+fixes the thread count and keeps every block's time; a visit's figure is batch / the median step time. What this
+module adds is what Timer does not do: every model is built once per dtype mode and visited in turn, interleaved,
+over `--repeats` (so slow drift of the machine - clocks, other jobs - hits all models alike) and the median over
+repeats is reported; the ours/timm table; the compile isolation; and on CUDA the peak memory of each model's train
+and infer step (torch.cuda.max_memory_allocated after a reset, the other models' resident tensors subtracted). The
+targets: baseline >= 0.95x timm resnet50 and separate_downsampling >= 0.95x timm convnext_tiny on CPU, >= 1.0x on GPU.
 
 Settings that must be the same for every model are set explicitly for the whole measurement: TF32 for both matmuls
 and cuDNN convs (PyTorch's defaults differ: TF32 on for convs, off for matmuls, which would run our 1x1 convs in
@@ -18,9 +22,9 @@ recompile limit, which silently falls back to eager; the `compiled` column says 
 compiled code in every call.
 
 On a shared CPU machine (other jobs running) wall time measures the neighbours as much as the model:
-`--clock process` times with this process's CPU time instead (all its threads together), so the figures are
-images per CPU-second and the ours/timm ratios stay meaningful under load; run it with OMP_NUM_THREADS=1 for the
-least interference. CPU only (on CUDA the host's CPU time says nothing about the GPU's).
+`--clock process` times with this process's CPU time instead (all its threads together; Timer's `timer=`), so the
+figures are images per CPU-second and the ours/timm ratios stay meaningful under load; run it with OMP_NUM_THREADS=1
+for the least interference. CPU only (on CUDA the host's CPU time says nothing about the GPU's).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import math
 import os
 import platform
 import shlex
+import signal
 import statistics
 import sys
 import time
@@ -52,7 +57,9 @@ TIMM_REFS = {
     "r200": (("resnet200", "baseline"), ("convnext_base", "separate_downsampling")),
 }
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
-CLOCKS = {"wall": time.perf_counter, "process": time.process_time}  # process: CPU seconds of this process
+# Timer's own default clock is the wall clock with a CUDA synchronisation before each reading (None: keep it);
+# process: CPU seconds of this process
+CLOCKS: dict[str, Callable[[], float] | None] = {"wall": None, "process": time.process_time}
 TARGET = {"cpu": 0.95, "cuda": 1.0}  # ours / timm throughput we aim for
 CSV_COLUMNS = [
     "model",
@@ -71,6 +78,8 @@ CSV_COLUMNS = [
     "infer_img_s",
     "train_img_s_all",
     "infer_img_s_all",
+    "train_mem_mib",
+    "infer_mem_mib",
     "params",
     "ref",
     "train_ratio",
@@ -78,7 +87,10 @@ CSV_COLUMNS = [
     "device",
     "torch",
 ]
-DEFAULTS = {"cuda": {"batch_size": 128, "warmup": 3, "iters": 10}, "cpu": {"batch_size": 32, "warmup": 1, "iters": 3}}
+# seconds of timed steps per phase and visit (blocked_autorange's min_run_time): a CPU training step of ResNet-50
+# at batch 16 and 160 px takes about 1.5 CPU-seconds, so 3 s times 2-6 steps per phase there
+DEFAULTS = {"cuda": {"batch_size": 128, "min_run_time": 0.5}, "cpu": {"batch_size": 32, "min_run_time": 3.0}}
+MIB = 2**20
 
 
 def model_factories(
@@ -108,9 +120,35 @@ def mode_name(dtype: str, channels_last: bool, compile: bool) -> str:
     return dtype + ("+cl" if channels_last else "") + ("+compile" if compile else "")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def images_per_s(
+    step: Callable[[], object],
+    batch_size: int,
+    clock: Callable[[], float] | None = None,
+    iters: int | None = None,
+    min_run_time: float = 0.2,
+) -> float:
+    """batch_size / the median time of `step` by torch.utils.benchmark: timeit(iters) when given (a fixed count
+    after its own 2 warm-up calls), else blocked_autorange(min_run_time) (warm-up, then blocks until that many
+    seconds are timed). `clock` None is Timer's wall clock that synchronises CUDA; the current thread count is kept."""
+    kw = {} if clock is None else {"timer": clock}
+    timer = _timer_class()("step()", globals={"step": step}, num_threads=torch.get_num_threads(), **kw)
+    m = timer.timeit(iters) if iters else timer.blocked_autorange(min_run_time=min_run_time)
+    return batch_size / m.median
+
+
+def _timer_class():
+    # torch.utils.benchmark imports torch.utils.cpp_extension, which warns "No CUDA runtime is found" on every
+    # CPU-only machine: a false alarm here (the Timer compiles nothing), so that one logger is quiet for the import.
+    import logging
+
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        from torch.utils.benchmark import Timer
+    finally:
+        log.setLevel(level)
+    return Timer
 
 
 def _free(device: torch.device) -> None:
@@ -119,8 +157,12 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def _nbytes(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
 class _Runner:
-    """One model on the device with its optimizer, input batch and the two timed loops."""
+    """One model on the device with its optimizer and input batch; times its training and inference steps."""
 
     def __init__(
         self,
@@ -133,14 +175,14 @@ class _Runner:
         channels_last: bool,
         compile: bool,
         compile_backend: str = "inductor",
-        clock: Callable[[], float] = time.perf_counter,
+        clock: Callable[[], float] | None = None,
     ):
         self.device, self.batch_size, self.img_size, self.num_classes = device, batch_size, img_size, num_classes
         self.clock = clock
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.params = sum(p.numel() for p in model.parameters())
         self.in_chans = _in_chans(model)
-        model = model.to(device=device, memory_format=self.memory_format)
+        self.module = model = model.to(device=device, memory_format=self.memory_format)
         # The optimizer holds the plain module's parameters; the compiled wrapper shares them.
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         self.model = _compile(model, compile_backend) if compile else model
@@ -155,6 +197,7 @@ class _Runner:
         self.autocast = (lambda: torch.autocast(device.type, dtype=cast)) if cast else contextlib.nullcontext
         # Compiled graphs and inference_mode tensors have not always mixed well; no_grad is safe for both.
         self.no_grad = torch.no_grad if compile else torch.inference_mode
+        self.peak = {"train": math.nan, "infer": math.nan}  # bytes, CUDA only: the largest over visits
 
     def _eager_hook(self, module, inputs, output):
         if not torch.compiler.is_compiling():
@@ -165,10 +208,10 @@ class _Runner:
         """Compiled graphs were built on the first visit only, and no forward call ever ran eagerly."""
         return self.compile and self.graphs[0] > 0 and not any(self.graphs[1:]) and self.eager_calls == 0
 
-    def visit(self, warmup: int, iters: int) -> tuple[float, float]:
+    def visit(self, warmup: int, iters: int | None, min_run_time: float) -> tuple[float, float]:
         """(train, infer) images/s of one visit; counts the graphs Dynamo compiles during it."""
         before = _graph_count()
-        out = self.train(warmup, iters), self.infer(warmup, iters)
+        out = tuple(self.measure(phase, warmup, iters, min_run_time) for phase in ("train", "infer"))
         if self.compile:
             self.graphs[-1] = _graph_count() - before
             self.graphs.append(0)
@@ -179,40 +222,48 @@ class _Runner:
         y = torch.randint(0, self.num_classes, (self.batch_size,), device=self.device)
         return x.contiguous(memory_format=self.memory_format), y
 
-    def train(self, warmup: int, iters: int) -> float:
-        """Images/s of forward + backward + AdamW step, after `warmup` untimed steps."""
-        self.model.train()
+    def _step(self, phase: str) -> Callable[[], None]:
+        """'train': forward + backward + AdamW step; 'infer': the eval-mode forward pass without autograd."""
         x, y = self._batch()
+        if phase == "infer":
+            self.model.eval()
 
-        def step():
+            def infer():
+                with self.no_grad(), self.autocast():
+                    self.model(x)
+
+            return infer
+        self.model.train()
+
+        def train():
             with self.autocast():
                 loss = self.criterion(self.model(x), y)
             loss.backward()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
 
-        return self._time(step, warmup, iters)
+        return train
 
-    def infer(self, warmup: int, iters: int) -> float:
-        """Images/s of the eval-mode forward pass without autograd, after `warmup` untimed passes."""
-        self.model.eval()
-        x, _ = self._batch()
+    def _own_bytes(self) -> int:
+        """Bytes of this model's resident tensors: parameters, buffers, gradients, optimizer state."""
+        m = self.module
+        state = [t for s in self.optimizer.state.values() for t in s.values()]
+        return _nbytes([*m.parameters(), *m.buffers(), *(p.grad for p in m.parameters()), *state])
 
-        def step():
-            with self.no_grad(), self.autocast():
-                self.model(x)
-
-        return self._time(step, warmup, iters)
-
-    def _time(self, step: Callable[[], None], warmup: int, iters: int) -> float:
+    def measure(self, phase: str, warmup: int, iters: int | None, min_run_time: float) -> float:
+        """Images/s of one phase after `warmup` untimed steps; on CUDA also its peak memory (see self.peak)."""
+        cuda = self.device.type == "cuda"
+        if cuda:  # the other models' weights and optimizer state stay resident: they are not this model's peak
+            others = torch.cuda.memory_allocated(self.device) - self._own_bytes()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        step = self._step(phase)
         for _ in range(warmup):
             step()
-        _sync(self.device)
-        t = self.clock()
-        for _ in range(iters):
-            step()
-        _sync(self.device)
-        return self.batch_size * iters / (self.clock() - t)
+        ips = images_per_s(step, self.batch_size, self.clock, iters, min_run_time)
+        if cuda:
+            peak = torch.cuda.max_memory_allocated(self.device) - others
+            self.peak[phase] = peak if math.isnan(self.peak[phase]) else max(self.peak[phase], peak)
+        return ips
 
 
 def _graph_count() -> int:
@@ -268,8 +319,9 @@ def benchmark(
     img_size: int = 224,
     num_classes: int = 1000,
     repeats: int = 5,
-    warmup: int = 1,
-    iters: int = 3,
+    warmup: int = 0,
+    iters: int | None = None,
+    min_run_time: float | None = None,
     dtype: str = "fp32",
     channels_last: bool = False,
     compile: bool = False,
@@ -280,52 +332,65 @@ def benchmark(
 ) -> pd.DataFrame:
     """Median train and infer images/s of every model (name -> builder), interleaved over `repeats`; one row each.
 
-    All models stay built (with their AdamW state) across repeats, so each is built and compiled once; only the
-    per-visit tensors are freed between models. With `compile`, the first visit warms up at least twice per loop so
-    that compilation never lands in a timed iteration, and `compiled` says whether it really ran compiled. `tf32`
-    applies to matmuls and convs alike, for every model (see backend_settings). `clock` "process" times with this
-    process's CPU time (CPU only), so neighbours on a shared machine do not count.
+    Each visit times a phase with torch.utils.benchmark: `iters` given, Timer.timeit(iters); else
+    blocked_autorange(min_run_time) (default per device, DEFAULTS), after `warmup` extra untimed steps. All models
+    stay built (with their AdamW state) across repeats, so each is built and compiled once; only the per-visit
+    tensors are freed between models. With `compile`, the first visit warms up at least twice per phase so that
+    compilation never lands in a timed step, and `compiled` says whether it really ran compiled. `tf32` applies to
+    matmuls and convs alike, for every model (see backend_settings). `clock` "process" times with this process's
+    CPU time (CPU only), so neighbours on a shared machine do not count. On CUDA, train_mem_mib / infer_mem_mib are
+    the peak memory of the model's own phase (weights, gradients, optimizer state, batch, activations, workspace).
+    Under stop_on_sigterm a SIGTERM ends the measurement early: the rows hold the visits done so far, models never
+    visited have none, and df.attrs["stopped"] is the repeat it stopped in (None when complete).
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     device = torch.device(device)
     if clock not in CLOCKS or (clock == "process" and device.type != "cpu"):
         raise ValueError(f"clock must be one of {sorted(CLOCKS)} ('process' on CPU only), got {clock!r} on {device}")
+    if min_run_time is None:
+        min_run_time = DEFAULTS[device.type]["min_run_time"]
+    stopped = None  # the repeat during which a SIGTERM arrived (see stop_on_sigterm)
+    train: dict[str, list[float]] = {n: [] for n in models}
+    infer: dict[str, list[float]] = {n: [] for n in models}
     with backend_settings(device, tf32, compile, len(models)):
-        runners = {}
-        for name, make in models.items():
-            torch.manual_seed(0)  # identical random init across runs: the kernels then see the same numbers
-            runners[name] = _Runner(
-                make(),
-                device,
-                batch_size,
-                img_size,
-                num_classes,
-                dtype,
-                channels_last,
-                compile,
-                compile_backend,
-                CLOCKS[clock],
-            )
-        train: dict[str, list[float]] = {n: [] for n in runners}
-        infer: dict[str, list[float]] = {n: [] for n in runners}
-        bar = _progress(repeats * len(runners), progress)
+        runners: dict[str, _Runner] = {}
+        bar = _progress(repeats * len(models), progress)
         try:
+            for name, make in models.items():
+                torch.manual_seed(0)  # identical random init across runs: the kernels then see the same numbers
+                runners[name] = _Runner(
+                    make(),
+                    device,
+                    batch_size,
+                    img_size,
+                    num_classes,
+                    dtype,
+                    channels_last,
+                    compile,
+                    compile_backend,
+                    CLOCKS[clock],
+                )
             for r in range(repeats):
+                stopped = r + 1
                 for name, runner in runners.items():
                     w = max(warmup, 2) if compile and r == 0 else warmup
                     bar.set_postfix_str(f"repeat {r + 1}/{repeats} {name}", refresh=False)
-                    t, i = runner.visit(w, iters)
+                    t, i = runner.visit(w, iters, min_run_time)
                     train[name].append(t)
                     infer[name].append(i)
                     _free(device)  # the batch and activations of this model must not crowd the next one
                     bar.update()
+            stopped = None
+        except Stopped:  # a time limit: keep every visit measured so far (a model with none has no row)
+            stopped = stopped or 0
         finally:
             bar.close()
             params = {n: r.params for n, r in runners.items()}
             compiled = {n: r.compiled for n, r in runners.items()}
             graphs = {n: sum(r.graphs) for n, r in runners.items()}
-            del runners
+            peak = {n: r.peak for n, r in runners.items()}
+            runners.clear()
             _free(device)
     mode = mode_name(dtype, channels_last, compile)
     rows = [
@@ -344,13 +409,36 @@ def benchmark(
             "infer_img_s": statistics.median(infer[n]),
             "train_img_s_all": ";".join(f"{v:.2f}" for v in train[n]),
             "infer_img_s_all": ";".join(f"{v:.2f}" for v in infer[n]),
+            "train_mem_mib": peak[n]["train"] / MIB,
+            "infer_mem_mib": peak[n]["infer"] / MIB,
             "params": params[n],
             "device": device_name(device),
             "torch": torch.__version__,
         }
         for n in models
+        if train[n]
     ]
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows, columns=None if rows else ["model", "mode"])
+    df.attrs["stopped"] = stopped
+    return df
+
+
+class Stopped(Exception):
+    """A SIGTERM arrived (a time limit, e.g. the GPU check's): the benchmark ends with what it has measured."""
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """Turn SIGTERM into Stopped while measuring, so that the visits already measured are kept and written."""
+
+    def handler(signum, frame):
+        raise Stopped("SIGTERM")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def _progress(total: int, enabled: bool | None):
@@ -420,9 +508,11 @@ def time_flops(regime: str = "r50", img_size: int = 224, rows: Callable | None =
 
 
 def format_table(df: pd.DataFrame, markdown: bool = False, target: float | None = None) -> str:
-    """The table of one mode: step | kind | train img/s | infer img/s | train and infer ratio vs timm [| compiled]."""
+    """The table of one mode: model | kind | train img/s | infer img/s | train and infer ratio vs timm
+    [| train MiB | infer MiB, where peak memory was measured (CUDA)] [| compiled]."""
     head = ["model", "kind", "train img/s", "infer img/s", "train vs timm", "infer vs timm"]
     with_compiled = "compile" in df.columns and bool(df["compile"].any())
+    mem = [c for c in ("train_mem_mib", "infer_mem_mib") if c in df.columns and df[c].notna().any()]
 
     def ratio(row, col):
         if row["kind"] == "timm":
@@ -441,14 +531,14 @@ def format_table(df: pd.DataFrame, markdown: bool = False, target: float | None 
             f"{r['infer_img_s']:.1f}",
             ratio(r, "train"),
             ratio(r, "infer"),
+            *[f"{r[c]:.0f}" for c in mem],
             *([("yes" if r["compiled"] else "NO (eager)")] if with_compiled else []),
         ]
         for _, r in df.iterrows()
     ]
-    if with_compiled:
-        head.append("compiled")
+    head += [c.replace("_mem_mib", " MiB") for c in mem] + ["compiled"] * with_compiled
     if markdown:
-        align = [":--", ":--"] + ["--:"] * 4 + [":--"] * with_compiled
+        align = [":--", ":--"] + ["--:"] * (4 + len(mem)) + [":--"] * with_compiled
         lines = ["| " + " | ".join(head) + " |", "|" + "|".join(align) + "|"]
         return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body])
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
@@ -470,6 +560,13 @@ def _non_negative_int(s: str) -> int:
     return v
 
 
+def _positive_float(s: str) -> float:
+    v = float(s)
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+    return v
+
+
 def _dtype_list(s: str) -> list[str]:
     out = [m.strip() for m in s.split(",") if m.strip()]
     bad = [m for m in out if m not in DTYPES]
@@ -488,8 +585,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--img-size", type=_positive_int, default=224)
     ap.add_argument("--num-classes", type=_positive_int, default=1000)
     ap.add_argument("--repeats", type=_positive_int, default=5)
-    ap.add_argument("--warmup", type=_non_negative_int, help="untimed iterations per visit (default 3 cuda, 1 cpu)")
-    ap.add_argument("--iters", type=_positive_int, help="timed iterations per visit (default 10 cuda, 3 cpu)")
+    ap.add_argument(
+        "--min-run-time",
+        type=_positive_float,
+        help="seconds of timed steps per phase and visit: torch.utils.benchmark's blocked_autorange (default "
+        f"{DEFAULTS['cuda']['min_run_time']} cuda, {DEFAULTS['cpu']['min_run_time']} cpu)",
+    )
+    ap.add_argument(
+        "--iters", type=_positive_int, help="a fixed number of timed steps per phase and visit (Timer.timeit) instead"
+    )
+    ap.add_argument(
+        "--warmup",
+        type=_non_negative_int,
+        default=0,
+        help="extra untimed steps per phase and visit, before Timer's own warm-up (default 0)",
+    )
     ap.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="bf16 = torch.autocast bfloat16")
     ap.add_argument("--modes", type=_dtype_list, help="several dtypes in one run, e.g. fp32,bf16 (overrides --dtype)")
     ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False)
@@ -499,6 +609,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=False,
         help="torch.compile every model (the warm-up covers compilation)",
     )
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
     ap.add_argument(
         "--tf32",
         choices=["off", "on"],
@@ -563,8 +674,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     d = DEFAULTS[device.type]
     batch = args.batch_size or d["batch_size"]
-    warmup = d["warmup"] if args.warmup is None else args.warmup
-    iters = args.iters or d["iters"]
+    min_run_time = args.min_run_time or d["min_run_time"]
+    timing = f"Timer.timeit({args.iters})" if args.iters else f"blocked_autorange(min_run_time={min_run_time:g}s)"
     dtypes = args.modes or [args.dtype]
     tf32 = args.tf32 == "on"
 
@@ -577,10 +688,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"device: {device.type}, {device_name(device)}; torch {torch.__version__}; timm {timm.__version__}; "
         f"threads {torch.get_num_threads()}",
         f"regime {args.regime}; batch {batch}; img {args.img_size}; classes {args.num_classes}; "
-        f"modes {','.join(dtypes)}; channels_last {args.channels_last}; compile {args.compile}; "
+        f"modes {','.join(dtypes)}; channels_last {args.channels_last}; "
+        f"compile {args.compile}{f' ({args.compile_backend})' if args.compile else ''}; "
         f"tf32 {args.tf32} (matmuls and convs); cudnn.benchmark {device.type == 'cuda'}; "
-        f"repeats {args.repeats} x (warmup {warmup} + iters {iters}), median; clock {args.clock}"
-        + (" (images per CPU-second of this process)" if args.clock == "process" else ""),
+        f"repeats {args.repeats} x (warmup {args.warmup} + torch.utils.benchmark {timing}: median step), median; "
+        f"clock {args.clock}" + (" (images per CPU-second of this process)" if args.clock == "process" else ""),
         f"command: {command}",
     ]
     print("\n".join(header), flush=True)
@@ -589,23 +701,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     frames = []
     target = TARGET[device.type]
     sections = []
+    stopped = None
     for dtype in dtypes:
-        df = benchmark(
-            factories,
-            device=device,
-            batch_size=batch,
-            img_size=args.img_size,
-            num_classes=args.num_classes,
-            repeats=args.repeats,
-            warmup=warmup,
-            iters=iters,
-            dtype=dtype,
-            channels_last=args.channels_last,
-            compile=args.compile,
-            tf32=tf32,
-            progress=False if args.no_progress else None,
-            clock=args.clock,
-        )
+        with stop_on_sigterm():
+            df = benchmark(
+                factories,
+                device=device,
+                batch_size=batch,
+                img_size=args.img_size,
+                num_classes=args.num_classes,
+                repeats=args.repeats,
+                warmup=args.warmup,
+                iters=args.iters,
+                min_run_time=min_run_time,
+                dtype=dtype,
+                channels_last=args.channels_last,
+                compile=args.compile,
+                tf32=tf32,
+                progress=False if args.no_progress else None,
+                clock=args.clock,
+                compile_backend=args.compile_backend,
+            )
+        stopped = df.attrs["stopped"]
+        if df.empty:
+            break
         df = add_ratios(df, args.regime)
         frames.append(df)
         mode = df["mode"].iloc[0]
@@ -615,10 +734,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\n[{mode}] ({note})")
         print(format_table(df, target=target), flush=True)
         sections.append((mode, note, format_table(df, markdown=True, target=target)))
+        if stopped is not None:
+            break
+    if stopped is not None:  # the files below then hold what was measured
+        header.append(f"STOPPED by SIGTERM in repeat {stopped} of {args.repeats} ({dtype}): partial results")
+        print("\n" + header[-1], flush=True)
+    if not frames:
+        return 143
     result = pd.concat(frames, ignore_index=True)
 
     footer = []
-    if args.flops:
+    if args.flops and stopped is None:
         secs, n = time_flops(args.regime)
         footer.append(f"fvcore counting of the {args.regime} roadmap table ({n} rows at 224px): {secs:.1f}s")
         print("\n" + footer[-1])
@@ -636,7 +762,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         text += [f"- {f}" for f in footer]
         md.write_text("\n".join(text).rstrip() + "\n")
         print(f"wrote {md}")
-    return 0
+    return 0 if stopped is None else 143  # 128 + SIGTERM
 
 
 if __name__ == "__main__":

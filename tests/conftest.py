@@ -21,6 +21,16 @@ register()
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` skip cleanly without a CUDA device; `pytest -m cuda` selects them on a GPU machine."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if item.get_closest_marker("cuda"):
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def compose_cfg():
     """compose_cfg(*overrides) -> the composed config, exactly as run_ablation.py would see it (no hydra node)."""

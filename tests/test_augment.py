@@ -373,7 +373,7 @@ def test_randaug_distribution_matches_timm():
         assert "mean" in failures(old), (old, ref)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.cuda
 def test_device_path_has_no_host_sync():
     """Geometry and RandAugment on a CUDA batch: every draw on the device, no host-device synchronisation."""
     x = torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8, device="cuda")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -163,7 +164,7 @@ def test_tf32_is_set_for_matmuls_and_convs_alike(tf32):
         b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32 = saved
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_cudnn_benchmark_on_cuda():
     seen: list = []
     bm.benchmark({"probe": lambda: _FlagProbe(seen)}, device="cuda", progress=False, **TINY)
@@ -284,7 +285,7 @@ def test_bad_values_are_argparse_errors(bad, capsys):
     assert e.value.code == 2 and "error" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_benchmark_cuda_bf16_channels_last():
     models = bm.model_factories(["baseline", "separate_downsampling"], "r50", num_classes=10)
     df = bm.benchmark(
@@ -309,13 +310,9 @@ def test_process_clock_counts_cpu_time_not_waiting():
     # reads as far faster than by the wall clock, which counts the wait in full.
     import time
 
-    runners = {
-        clock: bm._Runner(torch.nn.Conv2d(3, 2, 1), torch.device("cpu"), 4, 8, 10, "fp32", False, False, clock=fn)
-        for clock, fn in bm.CLOCKS.items()
-    }
-    wall = runners["wall"]._time(lambda: time.sleep(0.05), 0, 2)
-    process = runners["process"]._time(lambda: time.sleep(0.05), 0, 2)
-    assert wall == pytest.approx(4 * 2 / 0.1, rel=0.5)  # 4 images x 2 iterations in 0.1 s
+    wall = bm.images_per_s(lambda: time.sleep(0.05), 4, bm.CLOCKS["wall"], iters=2)
+    process = bm.images_per_s(lambda: time.sleep(0.05), 4, bm.CLOCKS["process"], iters=2)
+    assert wall == pytest.approx(4 / 0.05, rel=0.5)  # 4 images per 0.05 s step
     assert process > 20 * wall
     with pytest.raises(ValueError, match="process"):
         bm.benchmark({}, device="cuda", clock="process")
@@ -323,3 +320,106 @@ def test_process_clock_counts_cpu_time_not_waiting():
              "--repeats", "1", "--iters", "1", "--warmup", "0", "--no-timm", "--csv", os.devnull)  # fmt: skip
     assert p.returncode == 0, p.stderr
     assert "clock process (images per CPU-second of this process)" in p.stdout
+
+
+def test_timing_is_torch_utils_benchmark():
+    """images_per_s: timeit(iters) runs Timer's 2 warm-up calls then exactly `iters` timed ones; blocked_autorange
+    times blocks until min_run_time seconds are timed; the figure is batch / the median step time."""
+    import time
+
+    calls = []
+
+    def step():
+        calls.append(time.perf_counter())
+        time.sleep(0.01)
+
+    assert bm.images_per_s(step, 8, iters=3) == pytest.approx(8 / 0.01, rel=0.5)
+    assert len(calls) == 2 + 3
+    calls.clear()
+    ips = bm.images_per_s(step, 8, min_run_time=0.15)
+    assert ips == pytest.approx(8 / 0.01, rel=0.5)
+    assert len(calls) >= 1 + 15  # the block-size estimate (a warm-up call), then >= 0.15 s of 0.01 s steps
+    # the thread count in force is kept (Timer's own default would be one thread)
+    seen = []
+    torch.set_num_threads(2)  # the autouse fixture restores it
+    bm.images_per_s(lambda: seen.append(torch.get_num_threads()), 1, iters=1)
+    assert set(seen) == {2}
+
+
+def test_memory_columns_only_where_measured():
+    """CPU rows carry no peak memory (NaN) and the table has no memory columns; CUDA-like rows print them."""
+    df = bm.benchmark({"probe": lambda: _FlagProbe([])}, device="cpu", progress=False, **TINY)
+    assert df["train_mem_mib"].isna().all() and df["infer_mem_mib"].isna().all()
+    assert "MiB" not in bm.format_table(bm.add_ratios(df))
+    df = df.assign(train_mem_mib=[1234.4], infer_mem_mib=[56.6])
+    for markdown in (False, True):
+        table = bm.format_table(bm.add_ratios(df), markdown=markdown)
+        assert "train MiB" in table.splitlines()[0] and "infer MiB" in table.splitlines()[0]
+        assert "1234" in _row_line(table, "probe") and "57" in _row_line(table, "probe")
+
+
+def _mlp(width: int, img: int = 8) -> nn.Module:
+    """A model of about img*img*64*width + 10*width parameters that takes (N, 3, img, img) images."""
+    return nn.Sequential(nn.Conv2d(3, 64, 1), nn.Flatten(), nn.Linear(64 * img * img, width), nn.Linear(width, 10))
+
+
+@pytest.mark.cuda
+def test_cuda_peak_memory_is_each_models_own():
+    """A model's peak is its own: a small model measured after a big one (whose weights and AdamW state stay
+    resident) reads far below the big one, and the big one above its weights + gradients + two AdamW moments."""
+    models = {"big": lambda: _mlp(8192), "small": lambda: _mlp(4)}
+    df = bm.benchmark(models, device="cuda", batch_size=64, img_size=8, num_classes=10, repeats=1, iters=1,
+                      progress=False)  # fmt: skip
+    mem = df.set_index("model")["train_mem_mib"]
+    big = sum(p.numel() for p in _mlp(8192).parameters()) * 4 / bm.MIB  # fp32 weights, MiB
+    assert mem["big"] > 4 * big
+    assert mem["small"] < big / 10
+    assert (df["infer_mem_mib"] > 0).all()
+
+
+class _Killer(_FlagProbe):
+    """On its k-th forward call the process receives a SIGTERM, as from the GPU check's time limit."""
+
+    def __init__(self, k: int):
+        super().__init__([])
+        self.k, self.calls = k, 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == self.k:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().forward(x)
+
+
+def test_sigterm_keeps_the_visits_measured_so_far():
+    """Timer.timeit(1) makes 3 forward calls per phase, 6 per visit: the killer's 8th call is in its second visit,
+    so 'probe' has 2 visits, the killer and 'last' 1; its 4th call is in its first visit, so only 'probe' has one
+    (a model with no finished visit has no row)."""
+    for k, visits in ((8, {"probe": 2, "killer": 1, "last": 1}), (4, {"probe": 1})):
+        models = {"probe": lambda: _FlagProbe([]), "killer": lambda k=k: _Killer(k), "last": lambda: _FlagProbe([])}
+        with bm.stop_on_sigterm():
+            df = bm.benchmark(models, device="cpu", progress=False, **{**TINY, "repeats": 3, "warmup": 0})
+        assert df.attrs["stopped"] == max(visits.values())
+        assert dict(zip(df["model"], (len(v.split(";")) for v in df["train_img_s_all"]))) == visits
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
+    with bm.stop_on_sigterm():  # and without a signal nothing is stopped
+        assert (
+            bm.benchmark({"probe": lambda: _FlagProbe([])}, device="cpu", progress=False, **TINY).attrs["stopped"]
+            is None
+        )
+
+
+def test_cli_writes_the_partial_results_of_a_sigterm(tmp_path, monkeypatch, capsys):
+    """The CLI under a time limit: its CSV and Markdown hold what was measured, it says so, exit status 143."""
+    monkeypatch.setattr(
+        bm, "model_factories", lambda *a: {"probe": lambda: _FlagProbe([]), "killer": lambda: _Killer(8)}
+    )
+    csv, md = tmp_path / "b.csv", tmp_path / "b.md"
+    args = ["--steps", "baseline", "--device", "cpu", "--batch-size", "2", "--img-size", "32", "--repeats", "3",
+            "--num-classes", "10",
+            "--iters", "1", "--no-progress", "--csv", str(csv), "--markdown", str(md)]  # fmt: skip
+    assert bm.main(args) == 143
+    df = pd.read_csv(csv)
+    assert list(df["model"]) == ["probe", "killer"]
+    assert "STOPPED by SIGTERM in repeat 2 of 3 (fp32): partial results" in md.read_text()
+    assert "STOPPED by SIGTERM" in capsys.readouterr().out

@@ -326,7 +326,7 @@ def test_gpu_profile_runs_on_cpu(tmp_path, fmnist_dir):
     assert s["train_gflops"] == pytest.approx(4.4555 * (128 / 224) ** 2, rel=0.01)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_gpu_bf16_channels_last(tmp_path):
     out = run(
         "step=separate_downsampling",
