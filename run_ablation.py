@@ -17,7 +17,8 @@ from models import STEPS, ConfigError
 
 register()
 log = logging.getLogger("roadmap")
-IGNORED = ("progress", "device", "logger", "log_every")  # keys that may differ when a run folder is reused
+# keys that may differ when a run folder is reused; factorial only says which design a sweep runs, not the model
+IGNORED = ("progress", "device", "logger", "log_every", "factorial")
 
 
 def _plain(cfg) -> dict:
