@@ -480,18 +480,24 @@ def factorial_markdown(records: list[dict]) -> str:
                 f"| {_signed(c['paper_gflops_gain'])} | {_pm(main('img_per_s'), digits=1)} | {aliases} |"
             )
         out.append("")
-        if top1 is not None and top1["interactions"]:
-            out += [
-                "Two-step interactions the design estimates (top-1; each is the sum of its alias chain):",
-                "",
-                "| interaction | effect | 95 % CI | aliased with |",
-                "|---|---:|---:|---|",
-            ]
-            for it in sorted(top1["interactions"], key=lambda i: -abs(i["effect"])):
-                aliases = ", ".join(a for a in it["aliases"] if a.count(":") == 1) or "none (clear)"
-                out.append(f"| {it['term']} | {_pm(it)} | {_ci(it)} | {aliases} |")
-            out.append("")
+        out += _interaction_table(top1)
     return "\n".join(out)
+
+
+def _interaction_table(top1: dict | None) -> list[str]:
+    """Markdown lines: the two-step interaction chains the design estimates (top-1), largest first."""
+    if top1 is None or not top1["interactions"]:
+        return []
+    out = [
+        "Two-step interactions the design estimates (top-1; each is the sum of its alias chain):",
+        "",
+        "| interaction | effect | 95 % CI | aliased with |",
+        "|---|---:|---:|---|",
+    ]
+    for it in sorted(top1["interactions"], key=lambda i: -abs(i["effect"])):
+        aliases = ", ".join(a for a in it["aliases"] if a.count(":") == 1) or "none (clear)"
+        out.append(f"| {it['term']} | {_pm(it)} | {_ci(it)} | {aliases} |")
+    return out + [""]
 
 
 def _main(rec: dict, response: str, step: str) -> dict | None:
@@ -536,48 +542,17 @@ def _bar_specs(rec: dict, step: str) -> list[tuple[str, float | None, float | No
 
 
 def _figure(rec: dict, out_stem: Path) -> Figure:
-    """factorial_figure's body, inside the style context."""
+    """factorial_figure's body, inside the style context: the top-1 panel, the two side panels, header, legend."""
     steps = rec["factors"]
     kinds = ["factorial"] + [k for k in ("path", "loo") if any(rec["comparison"][s][_K[k]] is not None for s in steps)]
     kinds.append("paper")
-    n, nb = len(steps), len(kinds)
-    fig = _new_figure((15, 2.6 + 0.22 * nb * n + 0.2 * n))
+    n = len(steps)
+    fig = _new_figure((15, 2.6 + 0.22 * len(kinds) * n + 0.2 * n))
     ax, axg, axs = fig.subplots(1, 3, sharey=True, gridspec_kw={"width_ratios": [2.2, 1, 1]})
-    h = 0.8 / nb
-    offsets = {k: (i - (nb - 1) / 2) * h for i, k in enumerate(kinds)}
-    ends = [0.0]
-    for i, step in enumerate(steps):
-        if i % 2 == 0:
-            for a in (ax, axg, axs):
-                a.axhspan(i - 0.5, i + 0.5, color="#f2f2f2", zorder=0, lw=0)
-        for kind, value, half in _bar_specs(rec, step):
-            if kind not in kinds or value is None:
-                continue
-            ends += [value - (half or 0), value + (half or 0)]
-            ax.barh(
-                i + offsets[kind],
-                value,
-                height=h * 0.92,
-                color=KIND_COLOURS[kind],
-                alpha=0.55 if kind == "paper" else 0.9,
-                hatch="///" if kind == "paper" else None,
-                edgecolor="white",
-                linewidth=0.4,
-                xerr=half,
-                error_kw={"ecolor": "black", "capsize": 2, "elinewidth": 0.9},
-                zorder=2,
-                gid=f"{kind}:{step}",
-            )
-            if kind == "factorial":
-                label = f"{value:+.2f}" + (f" ± {half:.2f}" if half is not None else "")
-                x_end = value + math.copysign(half or 0, value)
-                ax.text(x_end, i + offsets[kind], f"  {label}  ", va="center", ha="left" if x_end >= 0 else "right",
-                        fontsize=7.5, zorder=4)  # fmt: skip
-    lo, hi = min(ends), max(ends)
-    span = max(hi - lo, 0.1)
-    ax.set_xlim(lo - 0.25 * span, hi + 0.25 * span)
-    ax.set_xlabel("top-1 change (points) when the step is switched on")
-    ax.set_title("top-1: main effect (average over all contexts) vs one context", loc="left", fontweight="bold")
+    for i in range(0, n, 2):
+        for a in (ax, axg, axs):
+            a.axhspan(i - 0.5, i + 0.5, color="#f2f2f2", zorder=0, lw=0)
+    _top1_panel(ax, rec, kinds)
     _side_panel(axg, rec, "gflops", "paper_gflops_gain", "GFLOPs change (224 px, full width)", "GFLOPs: main effect")
     _side_panel(axs, rec, "img_per_s", None, "training img/s change", "training speed: main effect")
     ax.set_ylim(n - 0.5, -0.5)
@@ -586,15 +561,52 @@ def _figure(rec: dict, out_stem: Path) -> Figure:
         a.axvline(0, color="black", linewidth=0.8, zorder=3)
         a.grid(axis="x", zorder=1)
         a.tick_params(axis="y", length=0)
-    res = rec["resolution"]
+    _header(fig, ax, rec)
+    _legend(fig, kinds)
+    _save(fig, out_stem)
+    return fig
+
+
+def _top1_panel(ax, rec: dict, kinds: list[str]) -> None:
+    """One group of bars per step: the main effect (labelled with its value and 95 % half-width), then this data's
+    path gain and leave-one-out contribution where given, then the paper's gain; each bar has gid '<kind>:<step>'."""
+    h = 0.8 / len(kinds)
+    offsets = {k: (i - (len(kinds) - 1) / 2) * h for i, k in enumerate(kinds)}
+    ends = [0.0]
+    for i, step in enumerate(rec["factors"]):
+        for kind, value, half in _bar_specs(rec, step):
+            if kind not in kinds or value is None:
+                continue
+            ends += [value - (half or 0), value + (half or 0)]
+            paper = kind == "paper"
+            ax.barh(i + offsets[kind], value, height=h * 0.92, color=KIND_COLOURS[kind], alpha=0.55 if paper else 0.9,
+                    hatch="///" if paper else None, edgecolor="white", linewidth=0.4, xerr=half,
+                    error_kw={"ecolor": "black", "capsize": 2, "elinewidth": 0.9}, zorder=2,
+                    gid=f"{kind}:{step}")  # fmt: skip
+            if kind == "factorial":
+                label = f"{value:+.2f}" + (f" ± {half:.2f}" if half is not None else "")
+                x_end = value + math.copysign(half or 0, value)  # beyond the error bar
+                ax.text(x_end, i + offsets[kind], f"  {label}  ", va="center", ha="left" if x_end >= 0 else "right",
+                        fontsize=7.5, zorder=4)  # fmt: skip
+    lo, hi = min(ends), max(ends)
+    span = max(hi - lo, 0.1)
+    ax.set_xlim(lo - 0.25 * span, hi + 0.25 * span)
+    ax.set_xlabel("top-1 change (points) when the step is switched on")
+    ax.set_title("top-1: main effect (average over all contexts) vs one context", loc="left", fontweight="bold")
+
+
+def _header(fig: Figure, ax, rec: dict) -> None:
+    """The title (design, runs, seeds), what the other steps are held at, and a red line when runs are missing."""
+    k, res = len(rec["factors"]), rec["resolution"]
     kind = (
         "full factorial"
         if res is None
-        else f"2^({len(steps)}-{len(steps) - int(math.log2(rec['points']))})" + (f" resolution {ROMAN.get(res, res)}")
+        else f"2^({k}-{k - int(math.log2(rec['points']))}) resolution " + str(ROMAN.get(res, res))
     )
+    seeds = len(rec["seeds"])
     fig.suptitle(
-        f"Which step buys what, averaged over contexts: {kind}, {rec['points']} runs x {len(rec['seeds'])} seed"
-        f"{'s' * (len(rec['seeds']) != 1)}",
+        f"Which step buys what, averaged over contexts: {kind}, {rec['points']} runs x {seeds} "
+        f"seed{'s' * (seeds != 1)}",
         fontsize=12,
         fontweight="bold",
     )
@@ -602,16 +614,15 @@ def _figure(rec: dict, out_stem: Path) -> Figure:
     note = f"steps not varied held as in {held} · {', '.join(v for v in rec['context'].values() if v)}"
     ax.text(0, 1.05, note, transform=ax.transAxes, fontsize=8.5, color="dimgrey")
     if not rec["complete"]:
-        ax.text(
-            0,
-            1.1,
+        text = (
             f"INCOMPLETE: {len(rec['missing'])} of {rec['points']} points missing; effects estimated from "
-            f"{rec['estimated_from']}",
-            transform=ax.transAxes,
-            fontsize=9,
-            color="#d62728",
-            fontweight="bold",
+            f"{rec['estimated_from']}"
         )
+        ax.text(0, 1.1, text, transform=ax.transAxes, fontsize=9, color="#d62728", fontweight="bold")
+
+
+def _legend(fig: Figure, kinds: list[str]) -> None:
+    """What each kind of bar is, below the panels."""
     labels = {
         "factorial": "main effect: mean(on) − mean(off) over the design (± 95 % CI, t)",
         "path": "this data's roadmap: gain over the previous step (± 1.96 SE)",
@@ -624,8 +635,6 @@ def _figure(rec: dict, out_stem: Path) -> Figure:
         for k in kinds
     ]  # fmt: skip
     fig.legend(handles=handles, loc="outside lower center", ncol=2, frameon=False)
-    _save(fig, out_stem)
-    return fig
 
 
 _K = {"path": "path_gain", "loo": "loo_contribution"}
@@ -647,7 +656,8 @@ def _side_panel(a, rec: dict, response: str, paper_key: str | None, xlabel: str,
                    error_kw={"ecolor": "black", "capsize": 2, "elinewidth": 0.9}, zorder=2)  # fmt: skip
             ends += [m["effect"] - (half or 0), m["effect"] + (half or 0)]
             x_end = m["effect"] + math.copysign(half or 0, m["effect"])  # beyond the error bar
-            a.text(x_end, y, f"  {m['effect']:+.{digits}f}  ", va="center", ha="left" if x_end >= 0 else "right",
+            value = round(m["effect"], digits) + 0.0  # + 0.0: a rounded -0.0 reads +0.000, not -0.000
+            a.text(x_end, y, f"  {value:+.{digits}f}  ", va="center", ha="left" if x_end >= 0 else "right",
                    fontsize=7, zorder=4)  # fmt: skip
         if paper is not None:
             a.barh(i + h / 2, paper, height=h, color=KIND_COLOURS["paper"], alpha=0.55, hatch="///",
