@@ -82,11 +82,11 @@ def analyze(paths: Iterable[str | Path] | str | Path, out_dir: str | Path | None
     (without=) also leave_one_out.csv/.md/.png/.svg (analysis.leave_one_out).
 
     out_dir defaults to the first path (its folder when it is a results.csv). Run folders are named relative to
-    out_dir in every file written, so the results stay valid when the folder is moved or committed. One
-    With a two-level design of steps among the runs (a +sweep=factorial folder, or recognised from the runs' sets of
-    steps) also factorial.json/.md/.png/.svg and factorial_halfnormal.png/.svg (analysis.factorial). One
-    roadmap/flops figure per regime and roadmap present, drawn in that roadmap's order; with several regimes the
-    non-r50 ones get a _<regime> suffix, with several roadmaps the non-paper ones a _<roadmap> suffix. Leave-one-out
+    out_dir in every file written, so the results stay valid when the folder is moved or committed. With a two-level
+    design of steps among the runs (a +sweep=factorial folder, or recognised from the runs' sets of steps) also
+    factorial.json/.md/.png/.svg and factorial_halfnormal.png/.svg (analysis.factorial). One roadmap/flops figure
+    per regime and roadmap present, drawn in that roadmap's order; with several regimes the non-r50 ones get a
+    _<regime> suffix, with several roadmaps the non-paper ones a _<roadmap> suffix. Leave-one-out
     runs alone (no roadmap walked besides their full models) get no roadmap figures and no fidelity.json.
     Returns {file name: path written}. Raises ValueError when no run exists under paths.
     """
