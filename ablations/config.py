@@ -15,6 +15,7 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
+from ablations.factorial import FactorialConfig
 from models import STEPS, ConfigError, ModelConfig, Regime
 from models.roadmap import active_steps, config_of, roadmap_order
 
@@ -116,6 +117,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=_model_from_roadmap)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    factorial: FactorialConfig = field(default_factory=FactorialConfig)  # the design +sweep=factorial runs
 
 
 def _list(value) -> list:
@@ -189,6 +191,9 @@ def register() -> None:
         OmegaConf.register_new_resolver("roadmap.suffix", _suffix)
     if not OmegaConf.has_resolver("roadmap.model"):
         OmegaConf.register_new_resolver("roadmap.model", _model_field)
+    from ablations import factorial_sweep  # Hydra glue of +sweep=factorial: the resolver factorial.without
+
+    factorial_sweep.register()
 
 
 # ------------------------------------------------------------------------------------------- command-line keys

@@ -48,6 +48,7 @@ IGNORED = (
     "train.grad_accum",  # the global batch (compared) is what the optimizer sees; its split is the hardware's
     "train.batch_per_device",
     "data.workers",
+    "factorial",  # which design a sweep runs, not the model (the run's without= says that)
 )
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "history")
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.curves import curves_figure
+from analysis.factorial import write_factorial
 from analysis.fidelity import fidelity, fidelity_caption, fidelity_json, fidelity_markdown
 from analysis.figure import flops_figure, roadmap_figure, set_plot_style
 from analysis.leave_one_out import leave_one_out, leave_one_out_figure, leave_one_out_markdown
@@ -102,9 +103,11 @@ def analyze(paths: Iterable[str | Path] | str | Path, out_dir: str | Path | None
     leave_one_out.csv/.md/.png/.svg (analysis.leave_one_out).
 
     out_dir defaults to the first path (its folder when it is a results.csv). Run folders are named relative to
-    out_dir in every file written, so the results stay valid when the folder is moved or committed. One
-    roadmap/flops figure per regime and roadmap present, drawn in that roadmap's order; with several regimes the
-    non-r50 ones get a _<regime> suffix, with several roadmaps the non-paper ones a _<roadmap> suffix. Leave-one-out
+    out_dir in every file written, so the results stay valid when the folder is moved or committed. With a two-level
+    design of steps among the runs (a +sweep=factorial folder, or recognised from the runs' sets of steps) also
+    factorial.json/.md/.png/.svg and factorial_halfnormal.png/.svg (analysis.factorial). One roadmap/flops figure
+    per regime and roadmap present, drawn in that roadmap's order; with several regimes the non-r50 ones get a
+    _<regime> suffix, with several roadmaps the non-paper ones a _<roadmap> suffix. Leave-one-out
     runs alone (no roadmap walked besides their full models) get no roadmap figures and no fidelity.json.
     Returns {file name: path written}. Raises ValueError when no run exists under paths.
     """
@@ -156,7 +159,11 @@ def analyze(paths: Iterable[str | Path] | str | Path, out_dir: str | Path | None
         for stem in stems:
             for ext in ("png", "svg"):
                 put(f"{stem}.{ext}")
+    factorial, in_design = write_factorial(df, summary, out, paths)
+    written.update(factorial)
     loo = leave_one_out(summary)
+    # a design's multi-step removals are its points, reported by the factorial analysis, not leave-one-out bars
+    loo = loo[~(loo["without"].str.contains("+", regex=False) & loo["without"].isin(in_design))].reset_index(drop=True)
     if len(loo):
         loo.to_csv(put("leave_one_out.csv"), index=False)
         text = leave_one_out_markdown(loo)

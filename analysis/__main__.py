@@ -1,5 +1,6 @@
 """`python -m analysis DIR [DIR ...] [--out OUT]`: results tables, roadmap figures (in each roadmap's order), learning
-curves and, for leave-one-out runs, leave_one_out.png/.md/.csv from run folders; `--status`: a table of every job
+curves and, for leave-one-out runs, leave_one_out.png/.md/.csv, for a two-level design of steps factorial.json/.md/.png
+(analysis.factorial) from run folders; `--status`: a table of every job
 (epochs done, top-1, img/s, status, ETA), writing nothing."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Hydra callback that redraws the roadmap figure (and the leave-one-out figure, for such sweeps) when a multirun ends.
+"""Hydra callback that redraws the roadmap figure (the leave-one-out and factorial figures, for such sweeps) when a
+multirun ends.
 
 Enable with `hydra.callbacks.roadmap_figure._target_=analysis.callback.RoadmapFigureCallback`.
 """

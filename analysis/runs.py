@@ -27,13 +27,14 @@ ORDER = {name: i for i, name in enumerate(FIGURE_ORDER)}
 RUN_COLUMNS = [
     "run_dir", "bar", "step", "seed", "regime", "profile", "data", "recipe", "status", "error", "top1", "top5",
     "params", "paper_params", "gflops", "gflops_total", "train_gflops", "epochs", "epochs_planned", "wall_s",
-    "device", "order", "roadmap", "roadmap_steps", "without", "base_bar", "code", "best_top1", "best_epoch",
-    "top1_ema", "best_top1_ema",
+    "device", "order", "roadmap", "roadmap_steps", "without", "base_bar", "code", "img_per_s", "best_top1",
+    "best_epoch", "top1_ema", "best_top1_ema",
 ]  # fmt: skip
 # best_top1 / best_epoch: the best evaluated epoch (the figure plots top1, the last epoch's); *_ema: the EMA's
 # toggles (issue 12): roadmap = name of the order step= walked (paper for the paper's), roadmap_steps = that order
 # comma-joined, without = the left-out steps "+"-joined ("" for none), base_bar = the bar before its toggles
 # code = the git commit the run finished with (summary.json; "+dirty": uncommitted changes), empty when unknown
+# img_per_s = training images/s, the median over the run's epochs (metrics.jsonl), a response of the factorial analysis
 COMPLEXITY_KEYS = ("params", "paper_params", "gflops", "gflops_total", "train_gflops")
 # epochs.csv, written beside results.csv: one row per finished epoch of every run (its metrics.jsonl line), so a
 # results.csv kept without its run folders (docs/) still draws the learning curves
@@ -207,6 +208,8 @@ def load_run(run_dir: str | Path) -> dict:
     row["epochs"] = max(epochs) if epochs else (len(metrics) if metrics else 0)
     last = metrics[-1] if metrics else {}
     row["top1"], row["top5"] = _num(last.get("top1")), _num(last.get("top5"))
+    speeds = pd.to_numeric(pd.Series([m.get("img_per_s") for m in metrics], dtype=object), errors="coerce").dropna()
+    row["img_per_s"] = float(speeds.median()) if len(speeds) else NAN
 
     if summary is not None:
         row["status"] = summary.get("status") or "finished"
