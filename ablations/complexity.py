@@ -180,3 +180,26 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def meta_complexity(model: torch.nn.Module, img_size: int = 224, in_chans: int | None = None) -> dict:
+    """params and gflops (conv + linear multiply-adds, the paper's count) of a model built on the meta device:
+    shapes only, no weights in memory, so it counts models too large to build (a factorial design's dense 7x7 convs
+    on the 4x-wide inverted bottleneck reach 2.6 billion parameters at full width). torch's FlopCounterMode counts
+    2 FLOPs per multiply-add of its conv / matmul ops; fvcore's total (norms, pooling) and activations are not
+    available this way (None). The same numbers as complexity() for every roadmap step (tests/test_complexity.py)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    in_chans = in_chans or model.stem.conv.in_channels
+    was_training = model.training
+    model.eval()
+    x = torch.zeros(1, in_chans, img_size, img_size, device="meta")
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    model.train(was_training)
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "gflops": counter.get_total_flops() / 2 / 1e9,
+        "gflops_total": None,
+        "activations_m": None,
+    }

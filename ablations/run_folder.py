@@ -47,6 +47,7 @@ IGNORED = (
     "compile_backend",
     "train.grad_accum",  # the global batch (compared) is what the optimizer sees; its split is the hardware's
     "train.batch_per_device",
+    "train.ckpt_every_min",  # when mid-epoch checkpoints are saved: resume is exact either way
     "data.workers",
     "factorial",  # which design a sweep runs, not the model (the run's without= says that)
 )

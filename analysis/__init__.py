@@ -95,7 +95,12 @@ def _has_curves(runs: pd.DataFrame, epochs: pd.DataFrame, stem: str) -> bool:
     return True
 
 
-def analyze(paths: Iterable[str | Path] | str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
+METRICS = ("top1", "best_top1", "top1_ema", "best_top1_ema")  # what the tables and figures rank (results.csv has all)
+
+
+def analyze(
+    paths: Iterable[str | Path] | str | Path, out_dir: str | Path | None = None, metric: str = "top1"
+) -> dict[str, Path]:
     """Collect every run under paths and write results.csv/.md, epochs.csv (every run's per-epoch records),
     summary.csv, fidelity.json and the figures (the roadmap, top-1 vs GFLOPs, and the learning curves from each
     run's metrics.jsonl, or from the epochs.csv beside a results.csv given as input; not drawn, with a note, when the
@@ -109,8 +114,12 @@ def analyze(paths: Iterable[str | Path] | str | Path, out_dir: str | Path | None
     per regime and roadmap present, drawn in that roadmap's order; with several regimes the non-r50 ones get a
     _<regime> suffix, with several roadmaps the non-paper ones a _<roadmap> suffix. Leave-one-out
     runs alone (no roadmap walked besides their full models) get no roadmap figures and no fidelity.json.
-    Returns {file name: path written}. Raises ValueError when no run exists under paths.
+    `metric` picks the number the summary, the figures and the fidelity measures use: top1 (the last epoch's, the
+    default), best_top1 (the best evaluated epoch's), or the EMA's (top1_ema, best_top1_ema); results.csv keeps
+    them all. Returns {file name: path written}. Raises ValueError when no run exists under paths.
     """
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; valid choices: {', '.join(METRICS)}")
     paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
     if not paths:
         raise ValueError("no path given")
@@ -119,6 +128,12 @@ def analyze(paths: Iterable[str | Path] | str | Path, out_dir: str | Path | None
         raise ValueError(f"no run folders (config.yaml) under {', '.join(map(str, paths))}")
     out = Path(out_dir) if out_dir is not None else paths[0].parent if paths[0].is_file() else paths[0]
     out.mkdir(parents=True, exist_ok=True)
+    results = df  # written as collected; the figures rank `metric`
+    if metric != "top1":
+        ranked = pd.to_numeric(df[metric], errors="coerce") if metric in df else pd.Series(dtype=float)
+        if not ranked.notna().any():
+            raise ValueError(f"no run here records {metric} (runs before it existed, or EMA off); use --metric top1")
+        df = df.assign(top1=ranked)
     summary = summarize(df)
     # the fidelity measures compare the paper's roadmap with the paper's; other orders and removals have no such pair
     plain = summary["without"].eq("") & summary["roadmap"].eq(PAPER)
@@ -131,7 +146,7 @@ def analyze(paths: Iterable[str | Path] | str | Path, out_dir: str | Path | None
         return out / name
 
     epochs = collect_epochs(df, paths)  # read before anything is written: out may hold the input's epochs.csv
-    portable(df, out).to_csv(put("results.csv"), index=False)
+    portable(results, out).to_csv(put("results.csv"), index=False)
     portable(epochs, out).to_csv(put(EPOCHS_CSV), index=False)
     summary.to_csv(put("summary.csv"), index=False)
     if records:

@@ -17,6 +17,9 @@ def main(argv: list[str] | None = None) -> int:
         "dirs", nargs="+", type=Path, help="sweep or run folders (searched recursively), or results.csv files to merge"
     )
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: the first DIR)")
+    parser.add_argument("--metric", default="top1", choices=["top1", "best_top1", "top1_ema", "best_top1_ema"],
+                        help="what the figures and tables rank: the last epoch's top-1 (default), the best "
+                        "epoch's, or the EMA's")  # fmt: skip
     parser.add_argument(
         "--status", action="store_true", help="print every job's progress and the sweep's ETA; writes nothing"
     )
@@ -39,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         print_status(args.dirs)
         return 0
     try:
-        written = analyze(args.dirs, args.out)
+        written = analyze(args.dirs, args.out, metric=args.metric)
     except ValueError as e:  # e.g. a CSV that is not a results table
         print(f"error: {e}", file=sys.stderr)
         return 2

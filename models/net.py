@@ -184,7 +184,7 @@ class RoadmapNet(nn.Module):
         dims = cfg.stage_dims()
         self.stem = Stem(cfg, in_chans, cfg.base_width())
         total = sum(cfg.depths)
-        dpr = torch.linspace(0, cfg.drop_path_rate, total).tolist()
+        dpr = torch.linspace(0, cfg.drop_path_rate, total, device="cpu").tolist()  # also when built on "meta"
         stages, cin, start = [], cfg.base_width(), 0
         # Stage i leaves the stem's stride times 2**i (stage 0 keeps the stem's resolution): one pyramid level each.
         self.feature_info = []

@@ -61,3 +61,11 @@ def fmnist_dir(tmp_path) -> Path:
         write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", x)
         write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", y)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def single(tmp_path_factory) -> Path:
+    """The single-process reference run of the multi-process tests (tests/ddp_helpers.py), once per worker."""
+    from ddp_helpers import single_run
+
+    return single_run(tmp_path_factory)

@@ -115,3 +115,33 @@ def test_other_resolution_and_classes():
     assert c448["gflops"] == pytest.approx((c224["gflops"] - head224) * 4 + head10, rel=1e-9)
     assert c224["params"] - c448["params"] == 769 * 990  # the 1000-class head has 990 more outputs
     assert c448["activations_m"] > c224["activations_m"] > 0
+
+
+def test_meta_device_count_equals_fvcore_for_every_step():
+    """meta_complexity (shapes only, for models too large to build) gives the golden params and paper GFLOPs of every
+    step and variant; the trainer uses it above PAPER_COUNT_MAX_PARAMS, with fvcore's total left unknown."""
+    import torch
+
+    from ablations.complexity import meta_complexity
+    from models import RoadmapNet, step_config
+
+    for g in GOLDEN["rows"]:
+        name = g["name"]
+        step, over = VARIANTS[name][:2] if name in VARIANTS else (name, {})
+        kw = {k.removeprefix("model."): v for k, v in over.items() if k.startswith("model.")}
+        with torch.device("meta"):
+            model = RoadmapNet(step_config(step, **kw), num_classes=1000)
+        cx = meta_complexity(model)
+        assert cx["params"] == g["params"] and cx["gflops"] == pytest.approx(g["gflops"], rel=1e-12), name
+        assert cx["gflops_total"] is None
+
+
+def test_the_trainer_counts_huge_models_on_the_meta_device(tmp_path, monkeypatch):
+    import ablations.train as T
+    from models import step_config
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(T, "complexity", lambda *a: pytest.fail("real weights built for a huge model"))
+    monkeypatch.setattr(T, "PAPER_COUNT_MAX_PARAMS", 1_000_000)  # every step is "huge" now
+    cx = T._paper_complexity(step_config("gelu"))
+    assert round(cx["gflops"], 2) == 4.15 and cx["gflops_total"] is None

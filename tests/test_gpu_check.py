@@ -20,7 +20,7 @@ import gpu_check as gc  # noqa: E402
 import gpu_wheels as gw  # noqa: E402
 
 CARRIED = {"hydra-core", "omegaconf", "antlr4-python3-runtime", "fvcore", "iopath", "yacs", "termcolor", "submitit",
-           "hydra-joblib-launcher", "hydra-submitit-launcher"}  # fmt: skip
+           "hydra-joblib-launcher", "hydra-submitit-launcher", "pydoe"}  # fmt: skip
 
 
 def _check(tmp_path: Path, data: Path, minutes: float, **env) -> subprocess.CompletedProcess:

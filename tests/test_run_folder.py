@@ -7,6 +7,8 @@ import contextlib
 import errno
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -57,19 +59,23 @@ def lines(run_dir: Path) -> list[dict]:
 # ---------------------------------------------------------------------------------------------- one run per folder
 @pytest.mark.slow
 def test_two_processes_on_one_folder_one_trains_one_refuses(tmp_path):
-    args = ["step=gelu", *SMOKE, "max_steps=null", "data.synthetic_size=8192", "train.epochs=3",
+    """The same command twice at once: the second stops at once naming the first, which trains on alone (stopped
+    here by SIGTERM once the second has been refused: each epoch it finished is in metrics.jsonl once)."""
+    args = ["step=gelu", *SMOKE, "max_steps=null", "data.synthetic_size=8192", "train.epochs=50",
             f"hydra.run.dir={tmp_path}"]  # fmt: skip
     first = popen(*args)
     lock = tmp_path / ".lock"
     assert wait_for(lambda: lock.exists() and "process" in lock.read_text()), "the first run never took the lock"
     second = run(*args)
-    assert first.poll() is None, "the first run ended before the second started: make it longer"
+    assert first.poll() is None, "the first run ended before the second started"
     last = one_paragraph(second, f"run folder {tmp_path} is in use by process {first.pid}")
     assert "pick another folder with hydra.run.dir" in last
-    _, err = first.communicate(timeout=600)
-    assert first.returncode == 0, err[-3000:]
-    assert [r["epoch"] for r in lines(tmp_path)] == [1, 2, 3]  # each epoch once
-    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "finished"
+    assert wait_for(lambda: (tmp_path / "metrics.jsonl").exists() and (tmp_path / "metrics.jsonl").read_text())
+    first.send_signal(signal.SIGTERM)
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 143, err[-3000:]
+    epochs = [r["epoch"] for r in lines(tmp_path)]
+    assert epochs == list(range(1, len(epochs) + 1)) and epochs  # each epoch once, none twice
     assert lock.read_text() == ""  # released: the next run of the command may take it
 
 
@@ -131,19 +137,15 @@ class Pickled:
     """Not a tensor: torch.load(weights_only=True) refuses it."""
 
 
-@pytest.mark.parametrize(
-    "content,expect",
-    [
-        ("garbage", "is not a torch file (written by something else, or damaged)"),
-        ("truncated", "is a truncated or damaged torch file"),
-        ("weights", "is a torch file but not a checkpoint of this project: it lacks model, optimizer"),
-        ("pickle", "holding Python objects beyond tensors and containers: not a checkpoint of this project"),
-    ],
-)
-def test_broken_checkpoints_are_explained(tmp_path, content, expect):
-    assert run("step=gelu", *SMOKE, "max_steps=1", f"hydra.run.dir={tmp_path}").returncode == 0
-    (tmp_path / "summary.json").unlink()
-    ck = tmp_path / "last.pt"
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """A finished smoke run (its last.pt is the material of the broken-file cases)."""
+    d = tmp_path_factory.mktemp("finished")
+    assert run("step=gelu", *SMOKE, "max_steps=1", f"hydra.run.dir={d}").returncode == 0
+    return d
+
+
+def _break(ck: Path, content: str) -> None:
     if content == "garbage":
         ck.write_bytes(b"junk" + os.urandom(4096))
     elif content == "truncated":
@@ -152,8 +154,36 @@ def test_broken_checkpoints_are_explained(tmp_path, content, expect):
         torch.save({"state_dict": {"w": torch.zeros(3)}}, ck)
     else:
         torch.save({"model": Pickled()}, ck)
-    last = one_paragraph(run("step=gelu", *SMOKE, "max_steps=1", f"hydra.run.dir={tmp_path}"), expect)
-    assert "weights_only=False" not in last and "file an issue" not in last and "delete it" in last
+
+
+BROKEN = [
+    ("garbage", "is not a torch file (written by something else, or damaged)"),
+    ("truncated", "is a truncated or damaged torch file"),
+    ("weights", "is a torch file but not a checkpoint of this project: it lacks model, optimizer"),
+    ("pickle", "holding Python objects beyond tensors and containers: not a checkpoint of this project"),
+]
+
+
+@pytest.mark.parametrize("content,expect", BROKEN)
+def test_broken_checkpoints_are_explained(finished, tmp_path, compose_cfg, content, expect):
+    """The resume refuses each with one paragraph saying what the file is, never torch's weights_only advice."""
+    from ablations.run_folder import RunFolderError
+    from ablations.train import train
+
+    shutil.copytree(finished, tmp_path / "run")
+    (tmp_path / "run/summary.json").unlink()
+    _break(tmp_path / "run/last.pt", content)
+    with pytest.raises(RunFolderError, match=re.escape(expect)) as e:
+        train(compose_cfg("step=gelu", *SMOKE, "max_steps=1"), str(tmp_path / "run"))
+    msg = str(e.value)
+    assert "weights_only=False" not in msg and "file an issue" not in msg and "delete it" in msg and "\n" not in msg
+
+
+def test_a_broken_checkpoint_on_the_command_line_is_one_paragraph(finished, tmp_path):
+    shutil.copytree(finished, tmp_path / "run")
+    (tmp_path / "run/summary.json").unlink()
+    _break(tmp_path / "run/last.pt", "pickle")
+    one_paragraph(run("step=gelu", *SMOKE, "max_steps=1", f"hydra.run.dir={tmp_path / 'run'}"), BROKEN[3][1])
 
 
 @pytest.mark.parametrize("text,expect", [("- a\n- b\n", "is not a run config (it holds list)"),
