@@ -2,11 +2,11 @@
 
 Rules, per fenced block of README.md and docs/*.md:
 - bash: each command (backslash continuations joined, `# comments` dropped, `VAR=value` prefixes dropped) is checked
-  without doing its work: `python run_ablation.py ARGS` (also `.venv/bin/python`, `torchrun ... run_ablation.py`)
-  composes with Hydra and resolves its job config (command-line sweeps: every value of each swept key, the others
-  at their first value; a sweep file's own keys at their first value; `-m`, `--cfg job`, `--resolve` dropped);
-  `python -m MODULE ARGS` gets through MODULE's argument parser; `make TARGET` names a Makefile target; anything
-  else names an installed program.
+  without doing its work: `python run_ablation.py ARGS` (also `.venv/bin/python`, `torchrun ... run_ablation.py`,
+  `srun ... python run_ablation.py`) composes with Hydra and resolves its job config (command-line sweeps: every
+  value of each swept key, the others at their first value; a sweep file's own keys at their first value; `-m`,
+  `--cfg job`, `--resolve` dropped); `python -m MODULE ARGS` gets through MODULE's argument parser; `make TARGET`
+  names a Makefile target; anything else names an installed program.
 - python: runs, in a fresh namespace and an empty temporary working folder.
 - A block right after `<!-- not run: reason -->` is skipped (the reason is the test's skip message); one after
   `<!-- needs: FILE -->` runs with FILE made there first (convnext_tiny.pth: timm's convnext_tiny, random weights)
@@ -105,11 +105,16 @@ def _is_python(word: str) -> bool:
     return re.fullmatch(r"(.*/)?python3?", word) is not None
 
 
+# Launchers that start run_ablation.py on a cluster: their own options are theirs to check (srun is not installed
+# here), the run's arguments after run_ablation.py are checked like any other.
+LAUNCHERS = ("torchrun", "srun")
+
+
 def hydra_args(argv: list[str]) -> list[str] | None:
     """The arguments run_ablation.py gets, or None when argv does not run it."""
     if _is_python(argv[0]) and len(argv) > 1 and argv[1] == "run_ablation.py":
         return argv[2:]
-    if argv[0] == "torchrun" and "run_ablation.py" in argv:
+    if argv[0] in LAUNCHERS and "run_ablation.py" in argv:
         return argv[argv.index("run_ablation.py") + 1 :]
     return None
 
