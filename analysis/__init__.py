@@ -2,36 +2,40 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
+if TYPE_CHECKING:
+    import pandas as pd
 
-from analysis.curves import curves_figure
-from analysis.factorial import write_factorial
-from analysis.fidelity import fidelity, fidelity_caption, fidelity_json, fidelity_markdown
-from analysis.figure import flops_figure, roadmap_figure, set_plot_style
-from analysis.leave_one_out import leave_one_out, leave_one_out_figure, leave_one_out_markdown
-from analysis.runs import (
-    EPOCHS_CSV,
-    FIGURE_ORDER,
-    PAPER,
-    collect,
-    collect_epochs,
-    find_run_dirs,
-    groups,
-    is_roadmap,
-    portable,
-    results_csv,
-    summarize,
-)
+# The package's names, imported on first use (PEP 562): run_ablation.py's end-of-sweep callback imports
+# analysis.callback, hence this package, in every run, and pandas, scipy and matplotlib would add about two seconds
+# to each run's start (a fifth of a smoke run) for a figure drawn only when a multirun ends.
+_LAZY = {
+    "curves_figure": "analysis.curves",
+    "fidelity": "analysis.fidelity",
+    "flops_figure": "analysis.figure",
+    "roadmap_figure": "analysis.figure",
+    "set_plot_style": "analysis.figure",
+    "leave_one_out": "analysis.leave_one_out",
+    "leave_one_out_figure": "analysis.leave_one_out",
+    **dict.fromkeys(("FIGURE_ORDER", "collect", "find_run_dirs", "results_csv", "summarize"), "analysis.runs"),
+}
 
 __all__ = [
     "FIGURE_ORDER", "analyze", "collect", "curves_figure", "fidelity", "find_run_dirs", "flops_figure",
     "leave_one_out", "leave_one_out_figure", "markdown_table", "results_csv", "roadmap_figure", "set_plot_style",
     "summarize",
 ]  # fmt: skip
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'analysis' has no attribute {name!r}")
 
 
 def _f(x, fmt: str) -> str:
@@ -55,6 +59,10 @@ def _top1_cell(row) -> str:
 
 def markdown_table(summary) -> str:
     """The summary as Markdown: one table per regime, our numbers beside the paper's."""
+    import pandas as pd
+
+    from analysis.runs import PAPER
+
     out = []
     keys = list(dict.fromkeys(zip(summary["regime"], summary.get("roadmap", pd.Series(PAPER, summary.index)))))
     for regime, roadmap in keys:
@@ -82,6 +90,8 @@ def _has_curves(runs: pd.DataFrame, epochs: pd.DataFrame, stem: str) -> bool:
     """Whether the learning curves of runs can be drawn; says which finished runs have no per-epoch records (a
     results.csv without its epochs.csv, from before epochs.csv, or a run folder whose metrics.jsonl is gone).
     False, and the figure is skipped (an existing one is left as it is), when no finished run has any."""
+    from analysis.runs import EPOCHS_CSV
+
     finished = runs.loc[runs["status"] == "finished", "run_dir"]
     bare = finished[~finished.isin(set(epochs["run_dir"]))]
     if len(finished) and len(bare) == len(finished):
@@ -118,6 +128,15 @@ def analyze(
     default), best_top1 (the best evaluated epoch's), or the EMA's (top1_ema, best_top1_ema); results.csv keeps
     them all. Returns {file name: path written}. Raises ValueError when no run exists under paths.
     """
+    import pandas as pd
+
+    from analysis.curves import curves_figure
+    from analysis.factorial import write_factorial
+    from analysis.fidelity import fidelity, fidelity_caption, fidelity_json, fidelity_markdown
+    from analysis.figure import flops_figure, roadmap_figure, set_plot_style
+    from analysis.leave_one_out import leave_one_out, leave_one_out_figure, leave_one_out_markdown
+    from analysis.runs import EPOCHS_CSV, PAPER, collect, collect_epochs, groups, is_roadmap, portable, summarize
+
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; valid choices: {', '.join(METRICS)}")
     paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import re
 import shutil
@@ -96,17 +97,37 @@ def test_the_lock_is_released_by_the_os_when_its_holder_dies(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- the checkpoint
-def test_a_checkpoint_of_another_run_is_refused(tmp_path):
+class Pickled:
+    """Not a tensor: torch.load(weights_only=True) refuses it."""
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """A finished smoke run (its last.pt is the material of the broken-file cases)."""
+    from hydra import compose, initialize_config_dir
+
+    from ablations.run_folder import prepare
+    from ablations.train import train
+
+    d = tmp_path_factory.mktemp("finished")
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["step=gelu", *SMOKE, "max_steps=1"])
+    assert prepare(cfg, str(d)) is None  # in-process, as run_ablation.main does: config.yaml, then training
+    assert train(cfg, str(d))["status"] == "finished"
+    return d
+
+
+def test_a_checkpoint_of_another_run_is_refused(finished, tmp_path):
     """config.yaml deleted, then another command into the folder: last.pt says which run it is."""
-    assert run("step=large_kernel", *SMOKE, f"hydra.run.dir={tmp_path}").returncode == 0
-    (tmp_path / "config.yaml").unlink()
-    (tmp_path / "summary.json").unlink()
-    before = (tmp_path / "last.pt").read_bytes()
-    out = run("step=gelu", "seed=5", "train.lr=0.1", *SMOKE, f"hydra.run.dir={tmp_path}")
+    shutil.copytree(finished, tmp_path / "run")
+    (tmp_path / "run/config.yaml").unlink()
+    (tmp_path / "run/summary.json").unlink()
+    before = (tmp_path / "run/last.pt").read_bytes()
+    out = run("step=large_kernel", "seed=5", "train.lr=0.1", *SMOKE, "max_steps=1", f"hydra.run.dir={tmp_path / 'run'}")
     last = one_paragraph(out, "last.pt was written by another run (")
-    assert "step: 'large_kernel' -> 'gelu'" in last and "seed: 0 -> 5" in last and "train.lr: " in last
-    assert (tmp_path / "last.pt").read_bytes() == before and not (tmp_path / "summary.json").exists()
-    assert not (tmp_path / "config.yaml").exists()  # nothing written for the wrong command
+    assert "step: 'gelu' -> 'large_kernel'" in last and "seed: 0 -> 5" in last and "train.lr: " in last
+    assert (tmp_path / "run/last.pt").read_bytes() == before and not (tmp_path / "run/summary.json").exists()
+    assert not (tmp_path / "run/config.yaml").exists()  # nothing written for the wrong command
 
 
 def test_checkpoint_identity_is_checked_on_resume(compose_cfg, tmp_path):
@@ -131,18 +152,6 @@ def test_checkpoint_identity_is_checked_on_resume(compose_cfg, tmp_path):
     torch.save(ck, tmp_path / "gelu/last.pt")
     with pytest.raises(RunFolderError, match="holds the weights of another model"):
         train(compose_cfg("step=gelu", *base), str(tmp_path / "gelu"))
-
-
-class Pickled:
-    """Not a tensor: torch.load(weights_only=True) refuses it."""
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> Path:
-    """A finished smoke run (its last.pt is the material of the broken-file cases)."""
-    d = tmp_path_factory.mktemp("finished")
-    assert run("step=gelu", *SMOKE, "max_steps=1", f"hydra.run.dir={d}").returncode == 0
-    return d
 
 
 def _break(ck: Path, content: str) -> None:
@@ -206,7 +215,7 @@ def test_ctrl_c_mid_epoch_saves_the_exact_step_and_resumes_exactly(tmp_path, com
     from ablations.dist import Preempted
 
     _train(compose_cfg, tmp_path / "straight")
-    calls, real = {"n": 0}, T.seed_all
+    calls, real, before = {"n": 0}, T.seed_all, signal.getsignal(signal.SIGINT)  # SIG_IGN under `nohup ... &`
 
     def seed_then_ctrl_c(seed):  # once per optimizer step: Ctrl-C during epoch 2, step 2
         calls["n"] += 1
@@ -221,7 +230,7 @@ def test_ctrl_c_mid_epoch_saves_the_exact_step_and_resumes_exactly(tmp_path, com
     monkeypatch.setattr(T, "seed_all", real)
     ck = torch.load(tmp_path / "run/last.pt", weights_only=True)
     assert (ck["epoch"], ck["step"]) == (1, 2)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's Ctrl-C is back
+    assert signal.getsignal(signal.SIGINT) is before  # the caller's Ctrl-C handler is back
     _train(compose_cfg, tmp_path / "run")
     a, b = (torch.load(tmp_path / d / "last.pt", weights_only=True) for d in ("straight", "run"))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
@@ -325,19 +334,28 @@ def test_a_read_only_folder_is_one_paragraph_and_nothing_is_made(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ repairs
-def test_a_finished_run_rebuilds_its_lost_metrics_and_summary(tmp_path):
-    args = ["step=gelu", *SMOKE, "max_steps=2", "train.epochs=2", f"hydra.run.dir={tmp_path}"]
-    assert run(*args).returncode == 0
-    metrics, summary = (tmp_path / "metrics.jsonl").read_text(), json.loads((tmp_path / "summary.json").read_text())
+def test_a_finished_run_rebuilds_its_lost_metrics_and_summary(tmp_path, compose_cfg, caplog):
+    """In-process, as run_ablation.main calls them: prepare() (the folder check) rewrites a lost metrics.jsonl of a
+    finished run from last.pt; a lost summary.json is rewritten by train(), which resumes and trains nothing."""
+    from ablations.run_folder import prepare
+    from ablations.train import train
+
+    cfg, d = compose_cfg("step=gelu", *SMOKE[:2], "max_steps=2", "train.epochs=2"), str(tmp_path)
+    assert prepare(cfg, d) is None
+    summary = train(cfg, d)
+    metrics = (tmp_path / "metrics.jsonl").read_text()
     (tmp_path / "metrics.jsonl").unlink()
-    out = run(*args)
-    assert out.returncode == 0 and "metrics.jsonl rewritten from last.pt (2 epochs)" in out.stderr + out.stdout
+    done = prepare(cfg, d)
+    assert done["rebuilt"] == "metrics.jsonl rewritten from last.pt (2 epochs)" and done["top1"] == summary["top1"]
     assert (tmp_path / "metrics.jsonl").read_text() == metrics
     (tmp_path / "summary.json").unlink()
-    out = run(*args)
-    assert out.returncode == 0 and "summary.json rewritten from it" in out.stderr + out.stdout
+    assert prepare(cfg, d) is None
+    with caplog.at_level(logging.INFO, logger="roadmap"):
+        train(cfg, d)
+    assert "metrics.jsonl and summary.json rewritten from it" in caplog.text
     again = json.loads((tmp_path / "summary.json").read_text())
     assert again["status"] == "finished" and again["top1"] == summary["top1"] and again["epochs"] == 2
+    assert (tmp_path / "metrics.jsonl").read_text() == metrics
 
 
 def test_analysis_says_when_a_finished_run_lost_its_metrics(tmp_path):
