@@ -38,7 +38,7 @@ from tqdm import tqdm
 from ablations import dist as D
 from ablations.complexity import complexity, meta_complexity
 from ablations.config import left_out
-from ablations.data import AUGMENT, Data, derive_seed, seed_all
+from ablations.data import AUGMENT, Data, check_classes, derive_seed, seed_all
 from ablations.run_folder import (
     RunFolderError,
     check_checkpoint,
@@ -51,8 +51,9 @@ from ablations.run_folder import (
 )
 from ablations.tracking import Tracker, config_markdown
 from models import ConfigError, ModelConfig, RoadmapNet
+from models.heads import head_name
 from models.layers import choice
-from models.pretrained import load_pretrained
+from models.pretrained import load_finetune, read_checkpoint
 
 log = logging.getLogger("roadmap")
 
@@ -92,11 +93,92 @@ def paper_scale(mcfg: ModelConfig) -> ModelConfig:
     return ModelConfig(**{**values, "width_mult": 1.0, "stem_stride": 4, "drop_path_rate": 0.0})
 
 
-def lr_for(tcfg) -> float:
-    """The recipe's lr scaled from lr_base_batch to the run's global batch (linear, sqrt or none)."""
+def lr_for(tcfg, lr: float | None = None) -> float:
+    """The recipe's lr (or `lr`: a fine-tune's own) scaled from lr_base_batch to the run's global batch (linear,
+    sqrt or none)."""
     choice("train.lr_scaling", tcfg.lr_scaling, ("linear", "sqrt", "none"))
     ratio = tcfg.batch_size / tcfg.lr_base_batch
-    return tcfg.lr * {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[tcfg.lr_scaling]
+    return (lr or tcfg.lr) * {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[tcfg.lr_scaling]
+
+
+def run_lr(cfg) -> float:
+    """The run's peak lr: finetune.lr when set, else train.lr, scaled to the global batch."""
+    return lr_for(cfg.train, OmegaConf.select(cfg, "finetune.lr", default=None))
+
+
+# model fields that are not weights, or belong to the head, which a fine-tune may change
+FINETUNE_FREE = ("head", "head_hidden", "head_norm", "drop_rate", "drop_path_rate")
+
+
+def pretrained_source(cfg) -> tuple[str, dict | None]:
+    """pretrained= as (checkpoint file, the pretrained run's config or None): a run folder gives its last.pt and
+    config.yaml, a file itself (a project last.pt says its config when loaded). A run folder of another regime or
+    body is refused here, before anything is made, in one paragraph."""
+    path = str(cfg.pretrained)
+    if not os.path.isdir(path):
+        return path, None
+    ckpt, conf = os.path.join(path, "last.pt"), os.path.join(path, "config.yaml")
+    if not os.path.isfile(ckpt):
+        raise ConfigError(
+            f"pretrained={path} is a folder but not a run folder of this project (it has no last.pt); give a run "
+            "folder whose run has finished at least one epoch, or a checkpoint file"
+        )
+    if os.path.isfile(conf):
+        run_cfg = OmegaConf.to_container(OmegaConf.load(conf))
+    else:  # train() called directly writes no config.yaml; the checkpoint carries the config too
+        run_cfg = load_checkpoint(ckpt).get("config") or {}
+    check_pretrained_run(cfg, run_cfg, path)
+    return ckpt, run_cfg
+
+
+def check_pretrained_run(cfg, run_cfg: dict, path: str) -> None:
+    """ConfigError unless the pretrained run has this run's regime and body (every model field but the head's)."""
+    theirs = (run_cfg.get("regime") or {}).get("name")
+    if theirs != cfg.regime.name:
+        raise ConfigError(
+            f"pretrained={path} is a run of regime={theirs}, this run is regime={cfg.regime.name}: its weights "
+            f"belong to another chain (depths and widths), so they cannot be fine-tuned here; add regime={theirs}, "
+            f"or pretrain a run of regime={cfg.regime.name}"
+        )
+    mine = OmegaConf.to_container(cfg.model, resolve=True)
+    old = run_cfg.get("model") or {}
+    changes = [f"model.{k}: {old.get(k)!r} -> {v!r}" for k, v in mine.items()
+               if k not in FINETUNE_FREE and k in old and old[k] != v]  # fmt: skip
+    if changes:
+        raise ConfigError(
+            f"pretrained={path} is a run of another body ({'; '.join(changes[:5])}{'; ...' if len(changes) > 5 else ''}"
+            f"): fine-tuning keeps the pretrained body, only model.head may change; use the pretrained run's step, "
+            f"without= and model overrides (its config.yaml)"
+        )
+
+
+def check_finetune(cfg) -> None:
+    """Clear errors for the fine-tuning keys, the head name and data.classes (what needs no files)."""
+    ft = cfg.get("finetune")
+    freeze = ft.freeze_epochs if ft is not None else 0
+    if not isinstance(freeze, int) or freeze < 0:
+        raise ConfigError(f"finetune.freeze_epochs must be a whole number >= 0, got {freeze!r}")
+    if freeze and freeze >= cfg.train.epochs:
+        raise ConfigError(
+            f"finetune.freeze_epochs={freeze} leaves no epoch to train the whole model in train.epochs="
+            f"{cfg.train.epochs:g} (the frozen epochs train only the head, then everything trains): use fewer frozen "
+            "epochs or more epochs"
+        )
+    if freeze and not cfg.pretrained:
+        raise ConfigError(
+            f"finetune.freeze_epochs={freeze} freezes a body that nothing pretrained: set pretrained= (a run folder "
+            "or a checkpoint file), or finetune.freeze_epochs=0"
+        )
+    if ft is not None and ft.layer_decay is not None and not 0 < ft.layer_decay <= 1:
+        raise ConfigError(f"finetune.layer_decay must be in (0, 1] (null: off), got {ft.layer_decay}")
+    if ft is not None and ft.lr is not None and ft.lr <= 0:
+        raise ConfigError(f"finetune.lr must be > 0 (null: train.lr), got {ft.lr}")
+    head = OmegaConf.select(cfg, "model.head", default=None)
+    if head is not None:
+        head_name(head, False)
+    check_classes(cfg.data)
+    if cfg.pretrained:
+        pretrained_source(cfg)
 
 
 def check_numbers(cfg) -> None:
@@ -129,6 +211,7 @@ def check_numbers(cfg) -> None:
             "data=imagefolder needs data.root=/path/to/folder holding train/<class>/ and val/<class>/ "
             "(the ImageNet / Imagenette layout)"
         )
+    check_finetune(cfg)
 
 
 def _nbytes(obj) -> int:
@@ -293,7 +376,7 @@ def _paper_complexity(pcfg: ModelConfig) -> dict:
     return cx
 
 
-def _optimizer(model, t):
+def _optimizer(model, t, cfg=None):
     opt_kwargs = {"momentum": t.momentum} if t.optimizer in ("sgd", "momentum", "nesterov") else {}
     if t.optimizer in ("adamw", "adam", "lamb"):
         opt_kwargs = {"betas": (t.momentum, 0.999)}
@@ -301,9 +384,11 @@ def _optimizer(model, t):
         return create_optimizer_v2(
             model,
             opt=t.optimizer,
-            lr=lr_for(t),
+            lr=lr_for(t) if cfg is None else run_lr(cfg),
             weight_decay=t.weight_decay,
             filter_bias_and_bn=not t.weight_decay_all,  # the original recipe decays every parameter
+            # layer-wise lr decay (BEiT / ConvNeXt fine-tuning): group i of model.group_matcher gets lr x d**(n-i)
+            layer_decay=OmegaConf.select(cfg, "finetune.layer_decay", default=None) if cfg is not None else None,
             **opt_kwargs,
         )
     except (AssertionError, ValueError) as e:
@@ -447,7 +532,9 @@ def train(cfg, run_dir: str, gpu_index: int | None = None) -> dict:
         if run.state.epoch < run.epochs:
             log.info("training epochs %d-%d, %d steps each (Ctrl-C or SIGTERM: save the exact step and stop)",
                      run.state.epoch + 1, run.epochs, run.steps_per_epoch)  # fmt: skip
+        freeze = OmegaConf.select(cfg, "finetune.freeze_epochs", default=0) or 0
         for epoch in range(run.state.epoch + 1, run.epochs + 1):
+            set_frozen(run, epoch <= freeze)  # from the epoch alone: a resumed run freezes as the straight one
             meter = train_epoch(run, epoch, guard)
             end_epoch(run, epoch, meter, guard)
     return write_summary(run)
@@ -481,12 +568,50 @@ def setup_model(cfg, data: Data, device, info: D.DistInfo, run_dir: str):
             f"downsample {model.min_input_size}x (use img_size >= {model.min_input_size}, or a "
             "smaller model.stem_stride)"
         )
-    if cfg.pretrained:
-        load_pretrained(model, cfg.pretrained)
+    if cfg.pretrained and not os.path.exists(_paths(run_dir)["ckpt"]):  # a resumed run restores its own last.pt
+        load_for_finetune(cfg, model)
     cx = _complexity(cfg, mcfg, model, data.num_classes, _paths(run_dir)["complexity"], info.is_main)
     model.to(device)
     if cfg.channels_last:  # faster on GPU and, for the conv/BN steps, on CPU too
         model.to(memory_format=torch.channels_last)
+    return model, wrap_model(cfg, model, device, info), cx
+
+
+def load_for_finetune(cfg, model: RoadmapNet) -> dict:
+    """pretrained= into a new run: the body exactly, the head's layers when the pretrained head is the same, the
+    classifier only when it also had the same classes (a foreign file: when its shape fits); logged."""
+    path, run_cfg = pretrained_source(cfg)
+    raw = read_checkpoint(path)
+    if run_cfg is None and isinstance(raw, dict) and isinstance(raw.get("config"), dict):
+        run_cfg = raw["config"]  # this project's last.pt given as a file
+        check_pretrained_run(cfg, run_cfg, path)
+    same_classes = True
+    if run_cfg is not None:
+        theirs = run_cfg.get("data") or {}
+        mine = OmegaConf.to_container(cfg.data, resolve=True)
+        same_classes = (theirs.get("name"), theirs.get("classes")) == (mine["name"], mine.get("classes"))
+    done = load_finetune(model, raw, path, keep_classifier=same_classes)
+    log.info("pretrained %s (%s): body loaded, head %s, classifier %s", cfg.pretrained, done["format"],
+             done["head"], done["classifier"])  # fmt: skip
+    return done
+
+
+def set_frozen(run, frozen: bool) -> None:
+    """fastai's freeze / unfreeze: the body's parameters (stem, stages) stop or resume training, the head always
+    trains. The model stays in train mode, so the body's BatchNorm statistics still follow the batches. Under DDP /
+    torch.compile the training module is rebuilt: DDP syncs the parameters that need gradients when it is made."""
+    body = [p for n, p in run.model.named_parameters() if not n.startswith("head.")]
+    if all(p.requires_grad != frozen for p in body):
+        return
+    for p in body:
+        p.requires_grad_(not frozen)
+    if run.train_model is not run.model:
+        run.train_model = wrap_model(run.cfg, run.model, run.device, run.info)
+    log.info("body %s: %s", "frozen" if frozen else "unfrozen", "only the head trains" if frozen else "all trains")
+
+
+def wrap_model(cfg, model, device, info: D.DistInfo):
+    """The module that trains: DDP and / or torch.compile around `model` (or `model` itself)."""
     train_model = model
     if info.world > 1:
         ids = [device.index] if device.type == "cuda" else None
@@ -494,7 +619,7 @@ def setup_model(cfg, data: Data, device, info: D.DistInfo, run_dir: str):
     if cfg.compile:
         torch._dynamo.reset()  # a fresh cache per run: one-process sweeps would hit the recompile limit
         train_model = torch.compile(train_model, backend=cfg.get("compile_backend", "inductor"))
-    return model, train_model, cx
+    return train_model
 
 
 def setup_schedule(optimizer, t, steps_per_epoch: int):
@@ -530,7 +655,7 @@ def setup_run(cfg, run_dir: str, gpu_index: int | None = None) -> Run:
     data = Data(cfg, device, info.rank, info.world, split.micro)
     model, train_model, cx = setup_model(cfg, data, device, info, run_dir)
     t = cfg.train
-    optimizer = _optimizer(model, t)
+    optimizer = _optimizer(model, t, cfg)
     steps_per_epoch = data.batches_per_epoch() // split.grad_accum
     if cfg.max_steps:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps)
@@ -566,7 +691,7 @@ def resume(run: Run) -> None:
         run.cx["train_gflops"],
         cfg.data.img_size,
         run.cx["gflops"],
-        lr_for(t),
+        run_lr(cfg),
         t.batch_size,
         run.split.micro,
         run.info.world,
@@ -775,7 +900,7 @@ def _log_run_info(tracker: Tracker, cfg, cx: dict, t) -> None:
     hp = {
         "step": cfg.step, "bar": cfg.bar, "seed": cfg.seed, "regime": cfg.regime.name, "profile": cfg.profile,
         "data": cfg.data.name, "recipe": t.name, "epochs": float(t.epochs), "batch_size": t.batch_size,
-        "lr": lr_for(t), "params": cx["params"], "gflops": cx["gflops"],
+        "lr": run_lr(cfg), "params": cx["params"], "gflops": cx["gflops"],
     }  # fmt: skip
     tracker.hparams(hp, ("test/top1", "test/top5", "train/epoch_loss"))
 
