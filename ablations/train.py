@@ -591,7 +591,7 @@ def load_for_finetune(cfg, model: RoadmapNet) -> dict:
         mine = OmegaConf.to_container(cfg.data, resolve=True)
         same_classes = (theirs.get("name"), theirs.get("classes")) == (mine["name"], mine.get("classes"))
     done = load_finetune(model, raw, path, keep_classifier=same_classes)
-    log.info("pretrained %s (%s): body loaded, head %s, classifier %s", cfg.pretrained, done["format"],
+    log.info("pretrained %s (%s): body loaded, head layers %s, classifier %s", cfg.pretrained, done["format"],
              done["head"], done["classifier"])  # fmt: skip
     return done
 
@@ -878,6 +878,8 @@ def write_summary(run: Run) -> dict:
         "tf32": bool(cfg.get("tf32", True)) if run.device.type == "cuda" else None,  # None: not a CUDA run
         "img_size": cfg.data.img_size,
         "num_classes": run.data.num_classes,
+        "head": head_name(run.model.cfg.head, run.model.cfg.head_norm),  # model.head, or the step's own
+        "pretrained": cfg.get("pretrained"),  # the run folder or file it was fine-tuned from (None: from scratch)
         "code": run.code,  # git commit of the code that finished the run ("+dirty": uncommitted changes; None: no git)
     }
     if run.ema is not None:

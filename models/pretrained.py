@@ -228,7 +228,7 @@ def load_finetune(model: nn.Module, state: dict, path: str, keep_classifier: boo
     before the classifier load when the checkpoint has exactly them with the same shapes (the same model.head), and
     are left new otherwise. The classifier (head.fc) loads only when `keep_classifier` and its shape fits (the same
     classes); otherwise it stays new, sized to this model's classes. Returns what loaded: {'format', 'head',
-    'classifier'} ('loaded' / 'new').
+    'classifier'} ('loaded' / 'new'; head 'none': a linear head has no layers before its classifier).
     """
     try:
         fmt, renamed = _renamed(unwrap(state))
@@ -263,6 +263,7 @@ def load_finetune(model: nn.Module, state: dict, path: str, keep_classifier: boo
     for keys, fit in ((part(own, False), head_fits), (fc, fc_fits)):
         if fit:
             load.update({k: renamed[k][1] for k in keys})
-    done = {"format": fmt, "head": "loaded" if head_fits else "new", "classifier": "loaded" if fc_fits else "new"}
+    layers = "none" if not part(own, False) else "loaded" if head_fits else "new"  # none: a linear head
+    done = {"format": fmt, "head": layers, "classifier": "loaded" if fc_fits else "new"}
     model.load_state_dict(load, strict=False)
     return done

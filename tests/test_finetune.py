@@ -3,13 +3,17 @@ mistakes around them as one paragraph each. Every run here is in-process on tiny
 
 from __future__ import annotations
 
+import copy
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from omegaconf import OmegaConf
 
+ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ("step=separate_downsampling", "data=synthetic", "profile=smoke", "max_steps=2", "logger=none",
          "data.synthetic_size=160", "data.img_size=16", "train.batch_size=16")  # fmt: skip
 PAPER = {"params": 1, "gflops": 1.0, "gflops_total": 1.0, "activations_m": 1.0}  # complexity is not tested here
@@ -83,6 +87,15 @@ def test_classes_of_an_image_folder_by_name_or_index(tmp_path, compose_cfg):
 
 
 # ---------------------------------------------------------------------------------------------- mistakes
+@pytest.fixture(scope="module")
+def preflight_cfg():
+    """step=gelu profile=smoke composed once with its hydra node, as the pre-flight callback gets it."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=["step=gelu", "profile=smoke"], return_hydra_config=True)
+
+
 @pytest.fixture
 def r200_run(tmp_path):
     """A run folder of the other regime (only its config.yaml is read before anything starts)."""
@@ -114,14 +127,15 @@ def r200_run(tmp_path):
     ],
     ids=["head", "freeze", "freeze-alone", "outside", "twice", "empty", "regime", "not-a-run"],
 )
-def test_mistakes_are_one_paragraph_before_anything_is_made(tmp_path, compose_cfg, capsys, r200_run, overrides,
+def test_mistakes_are_one_paragraph_before_anything_is_made(tmp_path, preflight_cfg, capsys, r200_run, overrides,
                                                             expect):  # fmt: skip
     from ablations.run_folder import PreflightCallback
 
-    overrides = [o.replace("R200", str(r200_run)) for o in overrides]
+    cfg = copy.deepcopy(preflight_cfg)  # composed once; the overrides set as Hydra would have set them
+    for override in (*overrides, f"hydra.run.dir={tmp_path / 'run'}"):
+        key, value = override.replace("R200", str(r200_run)).split("=", 1)
+        OmegaConf.update(cfg, key, yaml.safe_load(value), merge=False)
     expect = expect.replace("R200", str(r200_run))
-    cfg = compose_cfg("step=gelu", "profile=smoke", *overrides, f"hydra.run.dir={tmp_path / 'run'}",
-                      return_hydra_config=True)  # fmt: skip
     with pytest.raises(SystemExit) as e:
         PreflightCallback().on_run_start(cfg)  # what run_ablation.py's Hydra callback does before the folder
     err = capsys.readouterr().err
@@ -157,6 +171,7 @@ def test_finetune_freezes_then_trains_all_and_resumes_exactly(tmp_path, compose_
     _train(compose_cfg, pre, "data.classes=[0,1,2,3,4]", "model.head=fastai_convnext", "model.head_hidden=32")
     straight = _train(compose_cfg, tmp_path / "straight", f"pretrained={pre}", *FT)
     assert straight["num_classes"] == 5 and straight["epochs"] == 2
+    assert straight["head"] == "fastai_convnext" and straight["pretrained"] == str(pre)
 
     save = T.atomic_save
 
@@ -202,9 +217,13 @@ def test_the_classifier_is_kept_only_for_the_same_classes(tmp_path, compose_cfg,
     pre = tmp_path / "pre"
     _train(compose_cfg, pre, "data.classes=[0,1,2]", "max_steps=1")
     old = _ck(pre)["model"]
-    for extra, head, fc in [((), "loaded", "loaded"), (("data.classes=[3,4,5]",), "loaded", "new"),
-                            (("model.head=linear",), "new", "new")]:  # fmt: skip
-        cfg = compose_cfg(*SMOKE, "data.classes=[0,1,2]", f"pretrained={pre}", *extra)
+    cases = [((), "loaded", "loaded"), (("data.classes=[3,4,5]",), "loaded", "new"),
+             (("model.head=fastai",), "new", "new"), (("model.head=linear",), "none", "new")]  # fmt: skip
+    base = compose_cfg(*SMOKE, "data.classes=[0,1,2]", f"pretrained={pre}")
+    for extra, head, fc in cases:
+        cfg = copy.deepcopy(base)
+        for key, value in (o.split("=", 1) for o in extra):
+            OmegaConf.update(cfg, key, yaml.safe_load(value), merge=False)
         model = RoadmapNet(model_config(cfg), num_classes=3)
         done = load_for_finetune(cfg, model)
         assert (done["head"], done["classifier"]) == (head, fc), extra
@@ -251,3 +270,20 @@ def test_a_run_folder_from_before_these_keys_still_resumes(tmp_path, compose_cfg
     check_checkpoint({"model_config": old["model"]}, cfg, "last.pt")  # the oldest checkpoints: a model config only
     with pytest.raises(RunFolderError, match=re.escape("model.head: None -> 'fastai'")):
         prepare(compose_cfg("step=gelu", "profile=smoke", "model.head=fastai"), str(tmp_path))
+
+
+def test_the_heads_sweep_fine_tunes_each_pretrained_run(compose_cfg):
+    """+sweep=heads (stage 1) and +sweep=heads_finetune (stage 2) sweep the same bodies x heads, on classes 0-4 then
+    5-9, and every stage-2 job's pretrained= is the folder its stage-1 job writes."""
+    from models.heads import HEADS
+
+    pre, ft = (OmegaConf.load(ROOT / f"conf/sweep/{name}.yaml") for name in ("heads", "heads_finetune"))
+    for sweep in (pre, ft):
+        params = sweep.hydra.sweeper.params
+        assert params.step == "baseline,separate_downsampling" and params["model.head"].split(",") == list(HEADS)
+    for step, head in (("baseline", "fastai"), ("separate_downsampling", "norm_linear")):  # (each compose: 0.25 s)
+        a = compose_cfg("+sweep=heads", f"step={step}", f"model.head={head}", return_hydra_config=True)
+        b = compose_cfg("+sweep=heads_finetune", f"step={step}", f"model.head={head}", return_hydra_config=True)
+        assert list(a.data.classes) == [0, 1, 2, 3, 4] and list(b.data.classes) == [5, 6, 7, 8, 9]
+        assert b.pretrained == f"{a.hydra.sweep.dir}/{a.hydra.sweep.subdir}" and a.pretrained is None
+        assert b.finetune.freeze_epochs == 1 and a.finetune.freeze_epochs == 0
