@@ -386,7 +386,7 @@ class PreflightCallback(Callback):
 
         try:
             HydraConfig.instance().set_config(config)  # resolves ${hydra:...} in the folder's name
-            check_numbers(config)
+            check_numbers(config, str(OmegaConf.select(config, "hydra.run.dir")))
             toggles(config)
             _writable_folder(str(OmegaConf.select(config, "hydra.run.dir")))
         except ConfigError as e:

@@ -115,6 +115,11 @@ def pretrained_source(cfg) -> tuple[str, dict | None]:
     config.yaml, a file itself (a project last.pt says its config when loaded). A run folder of another regime or
     body is refused here, before anything is made, in one paragraph."""
     path = str(cfg.pretrained)
+    if not os.path.exists(path):
+        raise ConfigError(
+            f"pretrained={path} does not exist: give a run folder of this project (its last.pt is loaded) or a local "
+            "checkpoint file (timm / torchvision / official ConvNeXt / a last.pt)"
+        )
     if not os.path.isdir(path):
         return path, None
     ckpt, conf = os.path.join(path, "last.pt"), os.path.join(path, "config.yaml")
@@ -152,8 +157,9 @@ def check_pretrained_run(cfg, run_cfg: dict, path: str) -> None:
         )
 
 
-def check_finetune(cfg) -> None:
-    """Clear errors for the fine-tuning keys, the head name and data.classes (what needs no files)."""
+def check_finetune(cfg, run_dir: str | None = None) -> None:
+    """Clear errors for the fine-tuning keys, the head name, data.classes (what needs no files) and the pretrained
+    source (unless run_dir holds a checkpoint to resume)."""
     ft = cfg.get("finetune")
     freeze = ft.freeze_epochs if ft is not None else 0
     if not isinstance(freeze, int) or freeze < 0:
@@ -177,12 +183,13 @@ def check_finetune(cfg) -> None:
     if head is not None:
         head_name(head, False)
     check_classes(cfg.data)
-    if cfg.pretrained:
+    if cfg.pretrained and not (run_dir and os.path.exists(_paths(run_dir)["ckpt"])):
         pretrained_source(cfg)
 
 
-def check_numbers(cfg) -> None:
-    """Clear errors for values the trainer cannot use."""
+def check_numbers(cfg, run_dir: str | None = None) -> None:
+    """Clear errors for values the trainer cannot use (run_dir: the run's folder, whose last.pt, if any, makes the
+    pretrained source irrelevant: a resumed run restores its own weights)."""
     t = cfg.train
     if not isinstance(cfg.seed, int) or cfg.seed < 0:
         raise ConfigError(f"seed must be a whole number >= 0 (it keys every random stream), got {cfg.seed}")
@@ -211,7 +218,7 @@ def check_numbers(cfg) -> None:
             "data=imagefolder needs data.root=/path/to/folder holding train/<class>/ and val/<class>/ "
             "(the ImageNet / Imagenette layout)"
         )
-    check_finetune(cfg)
+    check_finetune(cfg, run_dir)
 
 
 def _nbytes(obj) -> int:
@@ -648,7 +655,7 @@ def setup_schedule(optimizer, t, steps_per_epoch: int):
 def setup_run(cfg, run_dir: str, gpu_index: int | None = None) -> Run:
     """Everything before the first step: checks, process and device, data, model, optimizer, schedule, EMA, loss."""
     t_start = time.time()
-    check_numbers(cfg)
+    check_numbers(cfg, run_dir)
     info, device = setup_env(cfg, gpu_index)
     split = batch_split(cfg.train, info.world)
     os.makedirs(run_dir, exist_ok=True)

@@ -124,8 +124,9 @@ def r200_run(tmp_path):
         (("data.classes=[]",), "data.classes=[] keeps no class"),
         (("pretrained=R200",), "pretrained=R200 is a run of regime=r200, this run is regime=r50: its weights belong"),
         (("pretrained=R200/..",), "is a folder but not a run folder of this project (it has no last.pt)"),
+        (("pretrained=R200/../nothing",), "/nothing does not exist: give a run folder of this project"),
     ],
-    ids=["head", "freeze", "freeze-alone", "outside", "twice", "empty", "regime", "not-a-run"],
+    ids=["head", "freeze", "freeze-alone", "outside", "twice", "empty", "regime", "not-a-run", "missing"],
 )
 def test_mistakes_are_one_paragraph_before_anything_is_made(tmp_path, preflight_cfg, capsys, r200_run, overrides,
                                                             expect):  # fmt: skip
@@ -195,6 +196,7 @@ def test_finetune_freezes_then_trains_all_and_resumes_exactly(tmp_path, compose_
     cfg = compose_cfg(*SMOKE, *FT)
     assert {g["initial_lr"] for g in groups} == {T.lr_for(cfg.train, 1e-3)} != {T.lr_for(cfg.train)}
 
+    pre.rename(tmp_path / "moved")  # a resumed fine-tune restores its own last.pt: the pretrained run is not read
     _train(compose_cfg, tmp_path / "resumed", f"pretrained={pre}", *FT)
     a, b = _ck(tmp_path / "straight"), _ck(tmp_path / "resumed")
     assert a["epoch"] == b["epoch"] == 2
