@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,24 @@ def quick(monkeypatch):
 
     monkeypatch.setattr(T, "_paper_complexity", lambda pcfg: dict(PAPER))
     monkeypatch.setattr(T, "complexity", lambda model, img_size: dict(PAPER))
+
+
+PRE = ("data.classes=[0,1,2,3,4]", "model.head=fastai_convnext", "model.head_hidden=32")  # the shared pretrain
+
+
+@pytest.fixture(scope="module")
+def pretrained_run(tmp_path_factory):
+    """One pretrain run (classes 0-4, the fastai_convnext head) that the fine-tuning tests start from."""
+    from hydra import compose, initialize_config_dir
+
+    import ablations.train as T
+
+    run = tmp_path_factory.mktemp("pretrain") / "pre"
+    with pytest.MonkeyPatch.context() as mp, initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        mp.setattr(T, "_paper_complexity", lambda pcfg: dict(PAPER))
+        mp.setattr(T, "complexity", lambda model, img_size: dict(PAPER))
+        T.train(compose("config", overrides=[*SMOKE, *PRE]), str(run))
+    return run
 
 
 def _train(compose_cfg, run_dir, *overrides):
@@ -145,12 +164,11 @@ def test_mistakes_are_one_paragraph_before_anything_is_made(tmp_path, preflight_
     assert not (tmp_path / "run").exists()
 
 
-def test_a_pretrained_run_of_another_body_is_refused(tmp_path, compose_cfg, quick):
+def test_a_pretrained_run_of_another_body_is_refused(tmp_path, compose_cfg, quick, pretrained_run):
     from models import ConfigError
 
-    _train(compose_cfg, tmp_path / "pre", "max_steps=1")
     with pytest.raises(ConfigError, match=re.escape("is a run of another body (model.kernel_size: 7 -> 5)")):
-        _train(compose_cfg, tmp_path / "ft", f"pretrained={tmp_path / 'pre'}", "model.kernel_size=5")
+        _train(compose_cfg, tmp_path / "ft", f"pretrained={pretrained_run}", "model.kernel_size=5")
 
 
 # ---------------------------------------------------------------------------------------------- fine-tuning
@@ -162,14 +180,15 @@ class Killed(Exception):
     pass
 
 
-def test_finetune_freezes_then_trains_all_and_resumes_exactly(tmp_path, compose_cfg, quick, monkeypatch):
+def test_finetune_freezes_then_trains_all_and_resumes_exactly(tmp_path, compose_cfg, quick, monkeypatch,
+                                                              pretrained_run):  # fmt: skip
     """Pretrain on classes 0-4, fine-tune on 5-9 from the run folder: the frozen epoch moves only the head, the
     classifier is new, layer decay and the fine-tune's lr reach the optimizer; a run killed right after its frozen
     epoch resumes to the same weights, optimizer state and metrics as the straight run."""
     import ablations.train as T
 
     pre = tmp_path / "pre"
-    _train(compose_cfg, pre, "data.classes=[0,1,2,3,4]", "model.head=fastai_convnext", "model.head_hidden=32")
+    shutil.copytree(pretrained_run, pre)  # this test moves it away
     straight = _train(compose_cfg, tmp_path / "straight", f"pretrained={pre}", *FT)
     assert straight["num_classes"] == 5 and straight["epochs"] == 2
     assert straight["head"] == "fastai_convnext" and straight["pretrained"] == str(pre)
@@ -210,23 +229,21 @@ def test_finetune_freezes_then_trains_all_and_resumes_exactly(tmp_path, compose_
                      for r in _metrics(tmp_path / "resumed")]  # fmt: skip
 
 
-def test_the_classifier_is_kept_only_for_the_same_classes(tmp_path, compose_cfg, quick):
+def test_the_classifier_is_kept_only_for_the_same_classes(compose_cfg, pretrained_run):
     """pretrained= a run of the same data and classes continues its classifier; a run of other classes or another
     head gets a new one, and another head's layers are new too."""
     from ablations.train import load_for_finetune, model_config
     from models import RoadmapNet
 
-    pre = tmp_path / "pre"
-    _train(compose_cfg, pre, "data.classes=[0,1,2]", "max_steps=1")
-    old = _ck(pre)["model"]
-    cases = [((), "loaded", "loaded"), (("data.classes=[3,4,5]",), "loaded", "new"),
+    old = _ck(pretrained_run)["model"]
+    cases = [((), "loaded", "loaded"), (("data.classes=[5,6,7,8,9]",), "loaded", "new"),
              (("model.head=fastai",), "new", "new"), (("model.head=linear",), "none", "new")]  # fmt: skip
-    base = compose_cfg(*SMOKE, "data.classes=[0,1,2]", f"pretrained={pre}")
+    base = compose_cfg(*SMOKE, *PRE, f"pretrained={pretrained_run}")
     for extra, head, fc in cases:
         cfg = copy.deepcopy(base)
         for key, value in (o.split("=", 1) for o in extra):
             OmegaConf.update(cfg, key, yaml.safe_load(value), merge=False)
-        model = RoadmapNet(model_config(cfg), num_classes=3)
+        model = RoadmapNet(model_config(cfg), num_classes=5)
         done = load_for_finetune(cfg, model)
         assert (done["head"], done["classifier"]) == (head, fc), extra
         new = model.state_dict()
