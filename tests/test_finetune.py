@@ -232,7 +232,8 @@ def test_finetune_freezes_then_trains_all_and_resumes_exactly(tmp_path, compose_
 def test_the_classifier_is_kept_only_for_the_same_classes(compose_cfg, pretrained_run):
     """pretrained= a run of the same data and classes continues its classifier; a run of other classes or another
     head gets a new one, and another head's layers are new too."""
-    from ablations.train import load_for_finetune, model_config
+    from ablations.finetune import load_for_finetune
+    from ablations.train import model_config
     from models import RoadmapNet
 
     old = _ck(pretrained_run)["model"]
@@ -257,7 +258,8 @@ def test_a_timm_checkpoint_fine_tunes_with_a_new_classifier(tmp_path, compose_cf
     (before fine-tuning existed a run's pretrained= needed the run's class count)."""
     import timm
 
-    from ablations.train import load_for_finetune, model_config
+    from ablations.finetune import load_for_finetune
+    from ablations.train import model_config
     from models import RoadmapNet
 
     ref = timm.create_model("convnext_tiny", dims=(12, 24, 48, 96), num_classes=1000)  # the 1/8-width ConvNeXt-T
