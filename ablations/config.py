@@ -51,6 +51,9 @@ class DataConfig:
     mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     synthetic_size: int = 512  # images per split for data=synthetic
+    # keep these classes only, relabelled 0..k-1 in this order (label numbers; image folders: folder names or indices
+    # into the sorted train/ folders); the model gets k outputs. null: every class
+    classes: Optional[List[Any]] = None
 
 
 @dataclass
@@ -92,6 +95,15 @@ class TrainConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Fine-tuning from `pretrained=` (a run folder, its last.pt or a timm / torchvision / official checkpoint)."""
+
+    freeze_epochs: int = 0  # the first N epochs train the head only (body frozen), then everything (fastai fine_tune)
+    layer_decay: Optional[float] = None  # layer-wise lr decay (timm's create_optimizer_v2 layer_decay); null: off
+    lr: Optional[float] = None  # the fine-tune's own peak lr at train.lr_base_batch (scaled as train.lr); null: off
+
+
+@dataclass
 class RunConfig:
     """The whole composed config of one run."""
 
@@ -106,7 +118,7 @@ class RunConfig:
     channels_last: bool = True  # memory format of model and batches
     compile: bool = False  # torch.compile the training model (CUDA)
     compile_backend: str = "inductor"  # torch.compile backend (aot_eager: no code generation; tests, debugging)
-    pretrained: Optional[str] = None  # local checkpoint to start from
+    pretrained: Optional[str] = None  # a run folder or a local checkpoint file to start from (fine-tuning)
     progress: bool = True  # tqdm bar per epoch
     max_steps: Optional[int] = None  # stop each epoch after N optimizer steps (smoke tests)
     logger: str = "tensorboard"  # tensorboard | wandb | none: where train loss, lr, top-1 and img/s are logged
@@ -117,6 +129,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=_model_from_roadmap)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     factorial: FactorialConfig = field(default_factory=FactorialConfig)  # the design +sweep=factorial runs
 
 

@@ -120,6 +120,70 @@ def load_synthetic(split: str, n: int, num_classes: int, img_size: int, seed: in
     return TensorData(x, torch.randint(0, num_classes, (n,), generator=g))
 
 
+# ---------------------------------------------------------------------------------------------- class subsets
+def check_classes(cfg) -> list | None:
+    """data.classes as a plain list, checked for what needs no files: not empty, no class twice; label numbers of the
+    in-memory data sets (and integer indices of image folders) must be whole numbers, those in range(data.num_classes)
+    for in-memory data sets. None when every class is kept."""
+    classes = cfg.get("classes")
+    if classes is None:
+        return None
+    classes = list(classes)
+    if not classes:
+        raise ConfigError("data.classes=[] keeps no class; list the classes to keep, or null for all of them")
+    twice = sorted({str(c) for c in classes if classes.count(c) > 1})
+    if twice:
+        raise ConfigError(
+            f"data.classes={classes} lists {', '.join(twice)} more than once; each class may appear once (its "
+            "position is its new label 0..k-1)"
+        )
+    if cfg.name == "imagefolder":
+        return classes
+    bad = [c for c in classes if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < cfg.num_classes]
+    if bad:
+        raise ConfigError(
+            f"data.classes={classes}: {', '.join(map(repr, bad))} not a class of data={cfg.name}, whose classes are "
+            f"the label numbers 0..{cfg.num_classes - 1}"
+        )
+    return classes
+
+
+def keep_classes(data: TensorData, classes: list[int]) -> TensorData:
+    """Only the images of `classes`, relabelled by their position in it (classes[i] -> i)."""
+    lut = torch.full((int(max(int(data.labels.max()), *classes)) + 1,), -1, dtype=torch.int64)
+    lut[torch.tensor(classes)] = torch.arange(len(classes))
+    new = lut[data.labels]
+    keep = new >= 0
+    return TensorData(data.images[keep], new[keep])
+
+
+def folder_classes(cfg) -> list[str] | None:
+    """data.classes of an image folder as class-folder names (an integer is an index into train/'s sorted folders,
+    torchvision's class order); a name or index that train/ does not have is a ConfigError listing the valid ones."""
+    classes = check_classes(cfg)
+    if classes is None:
+        return None
+    folder = os.path.join(cfg.root, "train")
+    names = sorted(e.name for e in os.scandir(folder) if e.is_dir()) if os.path.isdir(folder) else []
+    out, bad = [], []
+    for c in classes:
+        index = isinstance(c, int) and not isinstance(c, bool)
+        name = (names[c] if 0 <= c < len(names) else None) if index else (str(c) if str(c) in names else None)
+        if name is None:
+            bad.append(c)
+        else:
+            out.append(name)
+    if bad:
+        shown = ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "")
+        raise ConfigError(
+            f"data.classes={classes}: {', '.join(map(repr, bad))} not a class of {folder}, whose classes are its "
+            f"folders (or their indices 0..{len(names) - 1}): {shown or 'none found'}"
+        )
+    if len(set(out)) < len(out):
+        raise ConfigError(f"data.classes={classes} names one class folder twice ({out}); each class may appear once")
+    return out
+
+
 def load_tensors(cfg, split: str, seed: int = 0) -> TensorData:
     """An in-memory split for data.name in fashion_mnist / cifar10 / cifar100 / synthetic."""
     name = cfg.name
@@ -132,6 +196,9 @@ def load_tensors(cfg, split: str, seed: int = 0) -> TensorData:
         data = load_synthetic(split, cfg.synthetic_size, cfg.num_classes, cfg.img_size, seed)
     else:
         raise ConfigError("data=imagefolder is read from disk by a DataLoader (set data.in_memory=false)")
+    classes = check_classes(cfg)
+    if classes is not None:  # before the subset: train_subset counts images of the kept classes
+        data = keep_classes(data, classes)
     idx = subset_indices(cfg, split, len(data))
     if idx is not None:
         data = TensorData(data.images[idx], data.labels[idx])
@@ -282,8 +349,25 @@ def image_folder(cfg, split: str, train_cfg=None):
             interpolation="bicubic",
             use_prefetcher=True,  # uint8 out, normalised on the device
         )
+    classes = folder_classes(cfg)
+
+    class Selected(ImageFolder):
+        """ImageFolder over data.classes only, labelled by their position there (all class folders when null)."""
+
+        def find_classes(self, directory):
+            found, index = super().find_classes(directory)
+            if classes is None:
+                return found, index
+            missing = [c for c in classes if c not in index]
+            if missing:
+                raise ConfigError(
+                    f"data.classes: {', '.join(missing)} not a class folder of {directory} (train/ has them); "
+                    "every kept class needs a folder in train/ and val/"
+                )
+            return list(classes), {c: i for i, c in enumerate(classes)}
+
     try:
-        ds = ImageFolder(folder, transform=tf)  # its PIL loader converts grey and RGBA images to RGB
+        ds = Selected(folder, transform=tf)  # its PIL loader converts grey and RGBA images to RGB
     except FileNotFoundError as e:
         raise ConfigError(
             f"image folder {folder!r} has no usable class folders ({e}); expected {folder}/<class>/<image>.jpg"
@@ -368,9 +452,10 @@ class Data:
         train = load_tensors(d, "train", cfg.seed)
         test = load_tensors(d, "test", cfg.seed)
         top = int(max(train.labels.max(), test.labels.max()))
-        if top >= d.num_classes:
+        classes = check_classes(d)
+        if classes is None and top >= d.num_classes:
             raise ConfigError(f"data={d.name} has label {top} but data.num_classes={d.num_classes}")
-        self.num_classes = d.num_classes
+        self.num_classes = d.num_classes if classes is None else len(classes)
         self.train = TensorLoader(train, micro_batch, self.device, True, True, rank, world, cfg.seed)
         shard = TensorData(test.images[rank::world], test.labels[rank::world]) if world > 1 else test
         self.test = TensorLoader(shard, 256, self.device, False, False)
@@ -383,7 +468,7 @@ class Data:
         train_ds, test_ds = image_folder(d, "train", cfg.train), image_folder(d, "val")
         base = train_ds.dataset if isinstance(train_ds, torch.utils.data.Subset) else train_ds
         self.num_classes = len(base.classes)
-        if self.num_classes != d.num_classes:
+        if self.num_classes != d.num_classes and d.get("classes") is None:
             log.info(
                 "data: %d class folders found; using num_classes=%d (config said %d)",
                 self.num_classes,

@@ -20,6 +20,7 @@ run can rebuild.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import errno
 import fcntl
@@ -36,7 +37,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from ablations.config import PAPER, RunConfig, left_out, toggles
-from models import STEPS, ConfigError
+from models import STEPS, ConfigError, ModelConfig
 
 # how a run is run, not what it computes: never compared between a folder's config and the command's
 IGNORED = (
@@ -85,8 +86,12 @@ def plain(cfg) -> dict:
 
 @functools.lru_cache(maxsize=1)
 def schema_defaults() -> dict:
-    """The schema's default of every key (RunConfig), for keys an older config.yaml does not have."""
-    return OmegaConf.to_container(OmegaConf.structured(RunConfig), resolve=False)
+    """The schema's default of every key (RunConfig), for keys an older config.yaml does not have. The model node's
+    fields are filled by the roadmap resolver; a model field an older folder lacks is one no step set when it was
+    written, so its default is ModelConfig's (model.head, model.head_hidden)."""
+    d = OmegaConf.to_container(OmegaConf.structured(RunConfig), resolve=False)
+    d["model"] = dataclasses.asdict(ModelConfig())
+    return d
 
 
 def diff(old: dict, new: dict, defaults: dict | None = None, prefix: str = "") -> list[str]:
@@ -315,7 +320,8 @@ def check_checkpoint(ck: dict, cfg, path: str) -> None:
         changes = diff(ck["config"], plain(cfg))
     else:
         mine = OmegaConf.to_container(cfg.model, resolve=True)
-        changes = [f"model.{c}" for c in diff(ck.get("model_config") or {}, mine, {})] if ck.get("model_config") else []
+        old = ck.get("model_config") or {}
+        changes = [f"model.{c}" for c in diff(old, mine, schema_defaults()["model"])] if old else []
     if changes:
         raise RunFolderError(
             f"{path} was written by another run ({'; '.join(changes[:5])}{'; ...' if len(changes) > 5 else ''}): "
@@ -380,7 +386,7 @@ class PreflightCallback(Callback):
 
         try:
             HydraConfig.instance().set_config(config)  # resolves ${hydra:...} in the folder's name
-            check_numbers(config)
+            check_numbers(config, str(OmegaConf.select(config, "hydra.run.dir")))
             toggles(config)
             _writable_folder(str(OmegaConf.select(config, "hydra.run.dir")))
         except ConfigError as e:

@@ -39,6 +39,7 @@ from ablations import dist as D
 from ablations.complexity import complexity, meta_complexity
 from ablations.config import left_out
 from ablations.data import AUGMENT, Data, derive_seed, seed_all
+from ablations.finetune import check_finetune, load_for_finetune
 from ablations.run_folder import (
     RunFolderError,
     check_checkpoint,
@@ -51,8 +52,8 @@ from ablations.run_folder import (
 )
 from ablations.tracking import Tracker, config_markdown
 from models import ConfigError, ModelConfig, RoadmapNet
+from models.heads import head_name
 from models.layers import choice
-from models.pretrained import load_pretrained
 
 log = logging.getLogger("roadmap")
 
@@ -92,15 +93,22 @@ def paper_scale(mcfg: ModelConfig) -> ModelConfig:
     return ModelConfig(**{**values, "width_mult": 1.0, "stem_stride": 4, "drop_path_rate": 0.0})
 
 
-def lr_for(tcfg) -> float:
-    """The recipe's lr scaled from lr_base_batch to the run's global batch (linear, sqrt or none)."""
+def lr_for(tcfg, lr: float | None = None) -> float:
+    """The recipe's lr (or `lr`: a fine-tune's own) scaled from lr_base_batch to the run's global batch (linear,
+    sqrt or none)."""
     choice("train.lr_scaling", tcfg.lr_scaling, ("linear", "sqrt", "none"))
     ratio = tcfg.batch_size / tcfg.lr_base_batch
-    return tcfg.lr * {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[tcfg.lr_scaling]
+    return (lr or tcfg.lr) * {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[tcfg.lr_scaling]
 
 
-def check_numbers(cfg) -> None:
-    """Clear errors for values the trainer cannot use."""
+def run_lr(cfg) -> float:
+    """The run's peak lr: finetune.lr when set, else train.lr, scaled to the global batch."""
+    return lr_for(cfg.train, OmegaConf.select(cfg, "finetune.lr", default=None))
+
+
+def check_numbers(cfg, run_dir: str | None = None) -> None:
+    """Clear errors for values the trainer cannot use (run_dir: the run's folder, whose last.pt, if any, makes the
+    pretrained source irrelevant: a resumed run restores its own weights)."""
     t = cfg.train
     if not isinstance(cfg.seed, int) or cfg.seed < 0:
         raise ConfigError(f"seed must be a whole number >= 0 (it keys every random stream), got {cfg.seed}")
@@ -129,6 +137,7 @@ def check_numbers(cfg) -> None:
             "data=imagefolder needs data.root=/path/to/folder holding train/<class>/ and val/<class>/ "
             "(the ImageNet / Imagenette layout)"
         )
+    check_finetune(cfg, _paths(run_dir)["ckpt"] if run_dir else None)
 
 
 def _nbytes(obj) -> int:
@@ -293,7 +302,7 @@ def _paper_complexity(pcfg: ModelConfig) -> dict:
     return cx
 
 
-def _optimizer(model, t):
+def _optimizer(model, t, cfg=None):
     opt_kwargs = {"momentum": t.momentum} if t.optimizer in ("sgd", "momentum", "nesterov") else {}
     if t.optimizer in ("adamw", "adam", "lamb"):
         opt_kwargs = {"betas": (t.momentum, 0.999)}
@@ -301,9 +310,11 @@ def _optimizer(model, t):
         return create_optimizer_v2(
             model,
             opt=t.optimizer,
-            lr=lr_for(t),
+            lr=lr_for(t) if cfg is None else run_lr(cfg),
             weight_decay=t.weight_decay,
             filter_bias_and_bn=not t.weight_decay_all,  # the original recipe decays every parameter
+            # layer-wise lr decay (BEiT / ConvNeXt fine-tuning): group i of model.group_matcher gets lr x d**(n-i)
+            layer_decay=OmegaConf.select(cfg, "finetune.layer_decay", default=None) if cfg is not None else None,
             **opt_kwargs,
         )
     except (AssertionError, ValueError) as e:
@@ -447,7 +458,9 @@ def train(cfg, run_dir: str, gpu_index: int | None = None) -> dict:
         if run.state.epoch < run.epochs:
             log.info("training epochs %d-%d, %d steps each (Ctrl-C or SIGTERM: save the exact step and stop)",
                      run.state.epoch + 1, run.epochs, run.steps_per_epoch)  # fmt: skip
+        freeze = OmegaConf.select(cfg, "finetune.freeze_epochs", default=0) or 0
         for epoch in range(run.state.epoch + 1, run.epochs + 1):
+            set_frozen(run, epoch <= freeze)  # from the epoch alone: a resumed run freezes as the straight one
             meter = train_epoch(run, epoch, guard)
             end_epoch(run, epoch, meter, guard)
     return write_summary(run)
@@ -481,12 +494,31 @@ def setup_model(cfg, data: Data, device, info: D.DistInfo, run_dir: str):
             f"downsample {model.min_input_size}x (use img_size >= {model.min_input_size}, or a "
             "smaller model.stem_stride)"
         )
-    if cfg.pretrained:
-        load_pretrained(model, cfg.pretrained)
+    if cfg.pretrained and not os.path.exists(_paths(run_dir)["ckpt"]):  # a resumed run restores its own last.pt
+        load_for_finetune(cfg, model)
     cx = _complexity(cfg, mcfg, model, data.num_classes, _paths(run_dir)["complexity"], info.is_main)
     model.to(device)
     if cfg.channels_last:  # faster on GPU and, for the conv/BN steps, on CPU too
         model.to(memory_format=torch.channels_last)
+    return model, wrap_model(cfg, model, device, info), cx
+
+
+def set_frozen(run, frozen: bool) -> None:
+    """fastai's freeze / unfreeze: the body's parameters (stem, stages) stop or resume training, the head always
+    trains. The model stays in train mode, so the body's BatchNorm statistics still follow the batches. Under DDP /
+    torch.compile the training module is rebuilt: DDP syncs the parameters that need gradients when it is made."""
+    body = [p for n, p in run.model.named_parameters() if not n.startswith("head.")]
+    if all(p.requires_grad != frozen for p in body):
+        return
+    for p in body:
+        p.requires_grad_(not frozen)
+    if run.train_model is not run.model:
+        run.train_model = wrap_model(run.cfg, run.model, run.device, run.info)
+    log.info("body %s: %s", "frozen" if frozen else "unfrozen", "only the head trains" if frozen else "all trains")
+
+
+def wrap_model(cfg, model, device, info: D.DistInfo):
+    """The module that trains: DDP and / or torch.compile around `model` (or `model` itself)."""
     train_model = model
     if info.world > 1:
         ids = [device.index] if device.type == "cuda" else None
@@ -494,7 +526,7 @@ def setup_model(cfg, data: Data, device, info: D.DistInfo, run_dir: str):
     if cfg.compile:
         torch._dynamo.reset()  # a fresh cache per run: one-process sweeps would hit the recompile limit
         train_model = torch.compile(train_model, backend=cfg.get("compile_backend", "inductor"))
-    return model, train_model, cx
+    return train_model
 
 
 def setup_schedule(optimizer, t, steps_per_epoch: int):
@@ -523,14 +555,14 @@ def setup_schedule(optimizer, t, steps_per_epoch: int):
 def setup_run(cfg, run_dir: str, gpu_index: int | None = None) -> Run:
     """Everything before the first step: checks, process and device, data, model, optimizer, schedule, EMA, loss."""
     t_start = time.time()
-    check_numbers(cfg)
+    check_numbers(cfg, run_dir)
     info, device = setup_env(cfg, gpu_index)
     split = batch_split(cfg.train, info.world)
     os.makedirs(run_dir, exist_ok=True)
     data = Data(cfg, device, info.rank, info.world, split.micro)
     model, train_model, cx = setup_model(cfg, data, device, info, run_dir)
     t = cfg.train
-    optimizer = _optimizer(model, t)
+    optimizer = _optimizer(model, t, cfg)
     steps_per_epoch = data.batches_per_epoch() // split.grad_accum
     if cfg.max_steps:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps)
@@ -566,7 +598,7 @@ def resume(run: Run) -> None:
         run.cx["train_gflops"],
         cfg.data.img_size,
         run.cx["gflops"],
-        lr_for(t),
+        run_lr(cfg),
         t.batch_size,
         run.split.micro,
         run.info.world,
@@ -753,6 +785,8 @@ def write_summary(run: Run) -> dict:
         "tf32": bool(cfg.get("tf32", True)) if run.device.type == "cuda" else None,  # None: not a CUDA run
         "img_size": cfg.data.img_size,
         "num_classes": run.data.num_classes,
+        "head": head_name(run.model.cfg.head, run.model.cfg.head_norm),  # model.head, or the step's own
+        "pretrained": cfg.get("pretrained"),  # the run folder or file it was fine-tuned from (None: from scratch)
         "code": run.code,  # git commit of the code that finished the run ("+dirty": uncommitted changes; None: no git)
     }
     if run.ema is not None:
@@ -775,7 +809,7 @@ def _log_run_info(tracker: Tracker, cfg, cx: dict, t) -> None:
     hp = {
         "step": cfg.step, "bar": cfg.bar, "seed": cfg.seed, "regime": cfg.regime.name, "profile": cfg.profile,
         "data": cfg.data.name, "recipe": t.name, "epochs": float(t.epochs), "batch_size": t.batch_size,
-        "lr": lr_for(t), "params": cx["params"], "gflops": cx["gflops"],
+        "lr": run_lr(cfg), "params": cx["params"], "gflops": cx["gflops"],
     }  # fmt: skip
     tracker.hparams(hp, ("test/top1", "test/top5", "train/epoch_loss"))
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from timm.layers import LayerNorm2d
+from timm.layers import LayerNorm2d, trunc_normal_
 from torch import nn
 from torch.nn import functional as F
 
@@ -99,3 +99,11 @@ class LayerScale(nn.Module):
 
     def forward(self, x):
         return x * self.gamma.view(1, -1, 1, 1)
+
+
+def init_weights(m: nn.Module) -> None:
+    """The paper's recipe for every step: truncated normal std 0.02, zero bias (convs and linears)."""
+    if isinstance(m, (nn.Conv2d, nn.Linear)):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)

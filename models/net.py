@@ -6,12 +6,14 @@ from collections import OrderedDict
 from typing import Dict, List, Optional, Set, Tuple, Union
 
 import torch
-from timm.layers import DropPath, SelectAdaptivePool2d, trunc_normal_
+from timm.layers import DropPath
 from timm.models import checkpoint_seq
 from timm.models._features import feature_take_indices  # timm's own models import it from here
 from torch import nn
 
+from .heads import Head, head_name
 from .layers import ConfigError, ConvNormAct, LayerScale, choice, make_act, make_norm
+from .layers import init_weights as _init_weights
 from .roadmap import ModelConfig
 
 
@@ -113,71 +115,13 @@ class Stage(nn.Module):
         return self.blocks(x)
 
 
-# Global pools a head can take: timm's SelectAdaptivePool2d types that keep the pooled width ('' = no pooling).
-GLOBAL_POOLS = ("avg", "max", "avgmax", "")
-
-
-def _check_head(num_classes: int, global_pool: str) -> None:
-    choice("global_pool", global_pool, GLOBAL_POOLS)
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
-        raise ConfigError(f"num_classes must be an integer >= 0 (0: no classifier), got {num_classes!r}")
-    if not global_pool and num_classes > 0:
-        raise ConfigError(
-            f"global_pool='' (no pooling) needs num_classes=0, got num_classes={num_classes}: the classifier is a "
-            "linear layer over pooled features; use global_pool 'avg', 'max' or 'avgmax' with a classifier"
-        )
-
-
-class Head(nn.Module):
-    """Global pool -> optional norm -> flatten -> dropout -> linear classifier (timm's NormMlpClassifierHead order)."""
-
-    def __init__(self, cfg: ModelConfig, channels: int, num_classes: int, global_pool: str = "avg"):
-        super().__init__()
-        _check_head(num_classes, global_pool)
-        self.in_features = self.num_features = channels
-        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool)
-        self.norm = make_norm(cfg.norm_layer, channels) if cfg.head_norm else nn.Identity()
-        self.flatten = nn.Flatten(1) if global_pool else nn.Identity()
-        self.drop = nn.Dropout(cfg.drop_rate)
-        self.fc = nn.Linear(channels, num_classes) if num_classes > 0 else nn.Identity()
-
-    def reset(
-        self,
-        num_classes: int,
-        global_pool: Optional[str] = None,
-        reset_other: bool = False,
-        in_features: int = 0,
-        like: Optional[torch.Tensor] = None,
-    ) -> None:
-        """New classifier for `num_classes` (0: none) on `like`'s device; new pool if given; no norm if reset_other."""
-        pool = self.global_pool.pool_type if global_pool is None else global_pool
-        _check_head(num_classes, pool)
-        if in_features and in_features != self.in_features and not (reset_other or isinstance(self.norm, nn.Identity)):
-            raise ConfigError(f"the head's norm is sized for {self.in_features} features; got {in_features}")
-        if global_pool is not None:
-            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool).train(self.training)
-            self.flatten = (nn.Flatten(1) if global_pool else nn.Identity()).train(self.training)
-        if reset_other:
-            self.norm = nn.Identity()
-        if in_features:
-            self.in_features = self.num_features = in_features
-        dd = dict(device=like.device, dtype=like.dtype) if like is not None else {}
-        self.fc = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
-        self.fc.apply(_init_weights)
-        self.fc.train(self.training)
-
-    def forward(self, x, pre_logits: bool = False):
-        x = self.drop(self.flatten(self.norm(self.global_pool(x))))
-        return x if pre_logits else self.fc(x)
-
-
 class RoadmapNet(nn.Module):
     """ResNet-to-ConvNeXt network built from one ModelConfig, with timm's model interface (as its ConvNeXt)."""
 
     # torch.jit.script compiles properties; this one reads the (unscriptable) config and is Python-only.
     __jit_unused_properties__ = ["min_input_size"]
 
-    def __init__(self, cfg: ModelConfig, num_classes: int = 1000, in_chans: int = 3, global_pool: str = "avg"):
+    def __init__(self, cfg: ModelConfig, num_classes: int = 1000, in_chans: int = 3, global_pool: Optional[str] = None):
         super().__init__()
         self.cfg, self.num_classes = cfg.validate(), num_classes
         self.drop_rate = cfg.drop_rate
@@ -193,8 +137,10 @@ class RoadmapNet(nn.Module):
             self.feature_info.append(dict(num_chs=cout, reduction=cfg.stem_stride * 2**i, module=f"stages.{i}"))
             cin, start = cout, start + depth
         self.stages = nn.Sequential(*stages)
-        self.num_features = self.head_hidden_size = dims[-1]
-        self.head = Head(cfg, dims[-1], num_classes, global_pool)
+        self.num_features = dims[-1]
+        name = head_name(cfg.head, cfg.head_norm)
+        self.head = Head(name, dims[-1], num_classes, cfg.norm_layer, cfg.drop_rate, cfg.head_hidden, global_pool)
+        self.head_hidden_size = self.head.hidden_size
         self.apply(_init_weights)
         for m in self.modules():
             # Zero the last norm of each residual branch (timm's zero_init_last) so every block starts as identity.
@@ -227,7 +173,7 @@ class RoadmapNet(nn.Module):
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
-        """The final linear layer (nn.Identity when num_classes is 0)."""
+        """The final linear layer, the classifier (nn.Identity when num_classes is 0)."""
         return self.head.fc
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None, reset_other: bool = False) -> None:
@@ -235,7 +181,7 @@ class RoadmapNet(nn.Module):
         like = self.stem.conv.weight  # the new layer goes where the model is (device, dtype)
         self.head.reset(num_classes, global_pool, reset_other, in_features=self.num_features, like=like)
         self.num_classes = num_classes
-        self.head_hidden_size = self.head.num_features
+        self.head_hidden_size = self.head.hidden_size
 
     def _take_indices(self, indices) -> Tuple[List[int], int]:
         n = len(self.stages)
@@ -293,7 +239,8 @@ class RoadmapNet(nn.Module):
         return self.stages(self.stem(x))
 
     def forward_head(self, x, pre_logits: bool = False):
-        """Pool, norm, dropout and classifier; `pre_logits` stops before the classifier (head_hidden_size wide)."""
+        """The head (model.head: pool, norm / MLP, dropout, classifier); `pre_logits` stops before the classifier
+        (head_hidden_size wide)."""
         return self.head(x, pre_logits=pre_logits)
 
     def forward(self, x):
@@ -303,11 +250,3 @@ class RoadmapNet(nn.Module):
     def min_input_size(self) -> int:
         """Smallest square input the stem and every stride-2 stage can take."""
         return self.cfg.stem_stride * 2 ** (len(self.cfg.depths) - 1)
-
-
-def _init_weights(m: nn.Module) -> None:
-    # The paper's recipe for every step: truncated normal std 0.02, zero bias.
-    if isinstance(m, (nn.Conv2d, nn.Linear)):
-        trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)

@@ -215,3 +215,55 @@ def load_pretrained(model: nn.Module, path: str) -> str:
         raise ConfigError(f"checkpoint {path!r} ({fmt}): {e}") from None
     model.load_state_dict(state, strict=True)
     return fmt
+
+
+def _classifier_key(key: str) -> bool:
+    return key.startswith("head.fc.")
+
+
+def load_finetune(model: nn.Module, state: dict, path: str, keep_classifier: bool = True) -> dict:
+    """Load a checkpoint's state dict (any known format) for fine-tuning `model`, whose head may differ.
+
+    The body (stem and stages) must fit exactly (every key, every shape), as in load_pretrained. The head's layers
+    before the classifier load when the checkpoint has exactly them with the same shapes (the same model.head), and
+    are left new otherwise. The classifier (head.fc) loads only when `keep_classifier` and its shape fits (the same
+    classes); otherwise it stays new, sized to this model's classes. Returns what loaded: {'format', 'head',
+    'classifier'} ('loaded' / 'new'; head 'none': a linear head has no layers before its classifier).
+    """
+    try:
+        fmt, renamed = _renamed(unwrap(state))
+    except ConfigError as e:
+        raise ConfigError(f"pretrained checkpoint {path!r}: {e}") from None
+    own = model.state_dict()
+    renamed = {k: v for k, v in renamed.items() if not k.endswith("num_batches_tracked") or k in own}
+    body_own = {k for k in own if not k.startswith("head.")}
+    body_ck = {k for k in renamed if not k.startswith("head.")}
+    missing, unexpected = sorted(body_own - body_ck), sorted(body_ck - body_own)
+    if missing or unexpected:
+        raise ConfigError(
+            f"checkpoint {path!r} ({fmt}) does not fit this model's body: {len(missing)} missing keys (e.g. "
+            f"{missing[:3]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:3]}); fine-tuning needs the same "
+            "step, regime and model fields as the pretrained run (only model.head may differ)"
+        )
+    try:
+        load = {k: fit_shape(k, renamed[k][1], own[k].shape, fmt, renamed[k][0]) for k in sorted(body_own)}
+    except ConfigError as e:
+        raise ConfigError(f"checkpoint {path!r} ({fmt}): {e}") from None
+
+    def part(state, classifier: bool) -> set:
+        return {k for k in state if k.startswith("head.") and _classifier_key(k) == classifier}
+
+    def same_shapes(keys) -> bool:
+        return all(tuple(renamed[k][1].shape) == tuple(own[k].shape) for k in keys)
+
+    # the same head type has the same keys (none for the linear head); a classifier means nothing on another head
+    head_fits = part(renamed, False) == part(own, False) and same_shapes(part(own, False))
+    fc = part(own, True)
+    fc_fits = keep_classifier and head_fits and bool(fc) and part(renamed, True) == fc and same_shapes(fc)
+    for keys, fit in ((part(own, False), head_fits), (fc, fc_fits)):
+        if fit:
+            load.update({k: renamed[k][1] for k in keys})
+    layers = "none" if not part(own, False) else "loaded" if head_fits else "new"  # none: a linear head
+    done = {"format": fmt, "head": layers, "classifier": "loaded" if fc_fits else "new"}
+    model.load_state_dict(load, strict=False)
+    return done

@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Iterable, List, Optional, Union
 
+from .heads import HEADS
 from .layers import ACTS, NORMS, ConfigError, choice
 
 
@@ -35,7 +36,9 @@ class ModelConfig:
     norms_per_block: str = "all"  # all: after every conv | one: after the spatial conv only
     conv_bias: bool = False  # biases on convs a norm follows too (convs without a following norm always have one)
     downsample: str = "in_block"  # in_block: stride-2 spatial conv + 1x1 projection | separate: norm + 2x2/2 conv
-    head_norm: bool = False  # norm after global pooling
+    head_norm: bool = False  # norm after global pooling (the step's own head when `head` is null)
+    head: Optional[str] = None  # linear | norm_linear | fastai | fastai_convnext; null: the step's own (head_norm)
+    head_hidden: int = 512  # hidden width of the fastai heads' MLP
     ls_init_value: Optional[float] = None  # layer-scale init (null: off)
     drop_path_rate: float = 0.0  # stochastic depth, linearly increasing over blocks
     drop_rate: float = 0.0  # dropout before the classifier
@@ -63,7 +66,9 @@ class ModelConfig:
         choice("downsample", self.downsample, ("in_block", "separate"))
         choice("act_layer", self.act_layer, tuple(ACTS))
         choice("norm_layer", self.norm_layer, tuple(NORMS))
-        for name in ("kernel_size", "stem_stride", "width", "expansion", "groups"):
+        if self.head is not None:
+            choice("model.head", self.head, tuple(HEADS))
+        for name in ("kernel_size", "stem_stride", "width", "expansion", "groups", "head_hidden"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"model.{name} must be a positive integer, got {v!r}")

@@ -101,12 +101,12 @@ def checkpoint_filter_fn(state_dict: dict, model) -> dict:
     return {k: v if k in adapted else fit_shape(k, v, own[k].shape, fmt) for k, v in renamed.items()}
 
 
-def _build(step: str, regime: str, global_pool: str = "avg", device=None, dtype=None, **kwargs):
+def _build(step: str, regime: str, global_pool: str | None = None, device=None, dtype=None, **kwargs):
     """models.build_model plus the constructor arguments timm passes that ModelConfig does not have."""
     from . import build_model  # models/__init__ imports this module at its end
 
     model = build_model(step, regime, **kwargs)
-    if global_pool != "avg":
+    if global_pool is not None:
         model.reset_classifier(model.num_classes, global_pool)
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
