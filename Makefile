@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STEP    ?= large_kernel
 FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup data run test test-fast lint sweep figure benchmark complexity clean gpu-wheels gpu-check
+.PHONY: setup data run test test-slow test-all lint sweep figure benchmark complexity clean gpu-wheels gpu-check
 
 setup: $(VENV)/.installed data
 
@@ -28,13 +28,21 @@ data:
 run: setup
 	$(BIN)/python run_ablation.py step=$(STEP)
 
-# two workers on a 2-core machine (tests pin torch to one thread each); a file's tests stay on one worker
+# two workers on a 2-core machine (tests pin torch to one thread each); a file's tests stay on one worker.
+# make test: everything but the tests marked slow (several processes or epochs each: DDP, SLURM, signals, sweeps,
+# the GPU check's dry run, inductor); make test-slow: those; make test-all: both; CI (.ci/run) runs test, test-slow.
+PYTEST  := $(BIN)/python -m pytest -q -n auto --dist loadfile --durations=10
+
 test: setup
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -n auto --dist loadfile --durations=10
+	$(PYTEST) -m "not slow"
 
-test-fast: setup  # the inner loop: everything but the multi-process / multi-epoch runs marked slow
-	$(BIN)/python -m pytest -q -n auto --dist loadfile -m "not slow"
+test-slow: setup
+	$(PYTEST) -m slow
+
+test-all: setup
+	$(BIN)/ruff check .
+	$(PYTEST)
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
