@@ -302,7 +302,9 @@ def _paper_complexity(pcfg: ModelConfig) -> dict:
     return cx
 
 
-def _optimizer(model, t, cfg=None):
+def _optimizer(model, cfg):
+    """timm's optimizer for the run: train.* recipe, the run's lr (finetune.lr when set) and layer decay."""
+    t = cfg.train
     opt_kwargs = {"momentum": t.momentum} if t.optimizer in ("sgd", "momentum", "nesterov") else {}
     if t.optimizer in ("adamw", "adam", "lamb"):
         opt_kwargs = {"betas": (t.momentum, 0.999)}
@@ -310,11 +312,11 @@ def _optimizer(model, t, cfg=None):
         return create_optimizer_v2(
             model,
             opt=t.optimizer,
-            lr=lr_for(t) if cfg is None else run_lr(cfg),
+            lr=run_lr(cfg),
             weight_decay=t.weight_decay,
             filter_bias_and_bn=not t.weight_decay_all,  # the original recipe decays every parameter
             # layer-wise lr decay (BEiT / ConvNeXt fine-tuning): group i of model.group_matcher gets lr x d**(n-i)
-            layer_decay=OmegaConf.select(cfg, "finetune.layer_decay", default=None) if cfg is not None else None,
+            layer_decay=OmegaConf.select(cfg, "finetune.layer_decay", default=None),
             **opt_kwargs,
         )
     except (AssertionError, ValueError) as e:
@@ -562,7 +564,7 @@ def setup_run(cfg, run_dir: str, gpu_index: int | None = None) -> Run:
     data = Data(cfg, device, info.rank, info.world, split.micro)
     model, train_model, cx = setup_model(cfg, data, device, info, run_dir)
     t = cfg.train
-    optimizer = _optimizer(model, t, cfg)
+    optimizer = _optimizer(model, cfg)
     steps_per_epoch = data.batches_per_epoch() // split.grad_accum
     if cfg.max_steps:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps)

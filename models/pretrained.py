@@ -192,15 +192,20 @@ def read_checkpoint(path: str):
         ) from None
 
 
-def load_pretrained(model: nn.Module, path: str) -> str:
-    """Load a local checkpoint file into `model` (strict, exact shapes); returns the detected format name."""
-    raw = read_checkpoint(path)
+def _renamed_for(model: nn.Module, raw, path: str) -> tuple[str, dict, dict]:
+    """A loaded checkpoint in this model's key names: (format, {key: (source key, tensor)}, model.state_dict());
+    BatchNorm's num_batches_tracked only where the model has it."""
     try:
         fmt, renamed = _renamed(unwrap(raw))
     except ConfigError as e:
         raise ConfigError(f"pretrained checkpoint {path!r}: {e}") from None
     own = model.state_dict()
-    renamed = {k: v for k, v in renamed.items() if not k.endswith("num_batches_tracked") or k in own}
+    return fmt, {k: v for k, v in renamed.items() if not k.endswith("num_batches_tracked") or k in own}, own
+
+
+def load_pretrained(model: nn.Module, path: str) -> str:
+    """Load a local checkpoint file into `model` (strict, exact shapes); returns the detected format name."""
+    fmt, renamed, own = _renamed_for(model, read_checkpoint(path), path)
     missing = sorted(set(own) - set(renamed))
     unexpected = sorted(set(renamed) - set(own))
     if missing or unexpected:
@@ -230,12 +235,7 @@ def load_finetune(model: nn.Module, state: dict, path: str, keep_classifier: boo
     classes); otherwise it stays new, sized to this model's classes. Returns what loaded: {'format', 'head',
     'classifier'} ('loaded' / 'new'; head 'none': a linear head has no layers before its classifier).
     """
-    try:
-        fmt, renamed = _renamed(unwrap(state))
-    except ConfigError as e:
-        raise ConfigError(f"pretrained checkpoint {path!r}: {e}") from None
-    own = model.state_dict()
-    renamed = {k: v for k, v in renamed.items() if not k.endswith("num_batches_tracked") or k in own}
+    fmt, renamed, own = _renamed_for(model, state, path)
     body_own = {k for k in own if not k.startswith("head.")}
     body_ck = {k for k in renamed if not k.startswith("head.")}
     missing, unexpected = sorted(body_own - body_ck), sorted(body_ck - body_own)

@@ -310,13 +310,13 @@ def test_classic_recipe_decays_every_parameter_and_modern_does_not(compose_cfg):
     from models import build_model
 
     model = build_model("baseline", num_classes=10)
-    classic = _optimizer(model, compose_cfg("train=classic").train)
+    classic = _optimizer(model, compose_cfg("train=classic"))
     assert type(classic) is torch.optim.SGD and [g["weight_decay"] for g in classic.param_groups] == [1e-4]
     assert classic.defaults["momentum"] == 0.9 and classic.defaults["nesterov"] is False  # the 2015 recipe
     assert sum(p.numel() for g in classic.param_groups for p in g["params"]) == sum(
         p.numel() for p in model.parameters()
     )
-    modern = _optimizer(model, compose_cfg("train=modern").train)
+    modern = _optimizer(model, compose_cfg("train=modern"))
     assert sorted(g["weight_decay"] for g in modern.param_groups) == [0.0, 0.05]  # biases and norms excluded
 
 
