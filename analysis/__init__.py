@@ -20,13 +20,14 @@ _LAZY = {
     "flops_figure": "analysis.figure",
     "roadmap_figure": "analysis.figure",
     "set_plot_style": "analysis.figure",
+    "heads_figure": "analysis.heads",
     "leave_one_out": "analysis.leave_one_out",
     "leave_one_out_figure": "analysis.leave_one_out",
     **dict.fromkeys(("FIGURE_ORDER", "collect", "find_run_dirs", "results_csv", "summarize"), "analysis.runs"),
 }
 
 __all__ = [
-    "FIGURE_ORDER", "analyze", "collect", "curves_figure", "fidelity", "find_run_dirs", "flops_figure",
+    "FIGURE_ORDER", "analyze", "collect", "curves_figure", "fidelity", "find_run_dirs", "flops_figure", "heads_figure",
     "leave_one_out", "leave_one_out_figure", "markdown_table", "results_csv", "roadmap_figure", "set_plot_style",
     "summarize",
 ]  # fmt: skip
@@ -115,7 +116,9 @@ def analyze(
     summary.csv, fidelity.json and the figures (the roadmap, top-1 vs GFLOPs, and the learning curves from each
     run's metrics.jsonl, or from the epochs.csv beside a results.csv given as input; not drawn, with a note, when the
     input has finished runs and no per-epoch record); with leave-one-out runs (without=) also
-    leave_one_out.csv/.md/.png/.svg (analysis.leave_one_out).
+    leave_one_out.csv/.md/.png/.svg (analysis.leave_one_out); with heads / fine-tuning runs (model.head given,
+    data.classes, pretrained=) heads.csv/.md/.png/.svg (analysis.heads), and those runs stay out of the roadmap's
+    bars, the design and leave-one-out.
 
     out_dir defaults to the first path (its folder when it is a results.csv). Run folders are named relative to
     out_dir in every file written, so the results stay valid when the folder is moved or committed. With a two-level
@@ -134,8 +137,19 @@ def analyze(
     from analysis.factorial import write_factorial
     from analysis.fidelity import fidelity, fidelity_caption, fidelity_json, fidelity_markdown
     from analysis.figure import flops_figure, roadmap_figure, set_plot_style
+    from analysis.heads import write_heads
     from analysis.leave_one_out import leave_one_out, leave_one_out_figure, leave_one_out_markdown
-    from analysis.runs import EPOCHS_CSV, PAPER, collect, collect_epochs, groups, is_roadmap, portable, summarize
+    from analysis.runs import (
+        EPOCHS_CSV,
+        PAPER,
+        collect,
+        collect_epochs,
+        groups,
+        is_roadmap,
+        is_transfer,
+        portable,
+        summarize,
+    )
 
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; valid choices: {', '.join(METRICS)}")
@@ -153,6 +167,8 @@ def analyze(
         if not ranked.notna().any():
             raise ValueError(f"no run here records {metric} (runs before it existed, or EMA off); use --metric top1")
         df = df.assign(top1=ranked)
+    transfer = is_transfer(df)  # heads / fine-tuning runs: their own table and figure, not the roadmap's bars
+    heads_df, df = df[transfer], df[~transfer]
     summary = summarize(df)
     # the fidelity measures compare the paper's roadmap with the paper's; other orders and removals have no such pair
     plain = summary["without"].eq("") & summary["roadmap"].eq(PAPER)
@@ -164,7 +180,7 @@ def analyze(
         written[name] = out / name
         return out / name
 
-    epochs = collect_epochs(df, paths)  # read before anything is written: out may hold the input's epochs.csv
+    epochs = collect_epochs(results, paths)  # read before anything is written: out may hold the input's epochs.csv
     portable(results, out).to_csv(put("results.csv"), index=False)
     portable(epochs, out).to_csv(put(EPOCHS_CSV), index=False)
     summary.to_csv(put("summary.csv"), index=False)
@@ -193,6 +209,9 @@ def analyze(
         for stem in stems:
             for ext in ("png", "svg"):
                 put(f"{stem}.{ext}")
+    written.update(write_heads(heads_df, epochs, out))
+    if not len(df):
+        return written  # heads runs only: no roadmap, design or leave-one-out among them
     factorial, in_design = write_factorial(df, summary, out, paths)
     written.update(factorial)
     loo = leave_one_out(summary)

@@ -14,6 +14,8 @@ import yaml
 from ablations import ROADMAP, VARIANTS, Step, paper
 from ablations.config import PAPER, left_out, toggle_label
 from models import STEPS
+from models.heads import head_name
+from models.roadmap import ConfigError
 
 # Figure order, top to bottom: the recipe bar, then the roadmap, with the non-adopted kernels next to the adopted one.
 FIGURE_ORDER: list[str] = ["baseline_classic"]
@@ -28,13 +30,17 @@ RUN_COLUMNS = [
     "run_dir", "bar", "step", "seed", "regime", "profile", "data", "recipe", "status", "error", "top1", "top5",
     "params", "paper_params", "gflops", "gflops_total", "train_gflops", "epochs", "epochs_planned", "wall_s",
     "device", "order", "roadmap", "roadmap_steps", "without", "base_bar", "code", "img_per_s", "best_top1",
-    "best_epoch", "top1_ema", "best_top1_ema",
+    "best_epoch", "top1_ema", "best_top1_ema", "head", "head_set", "classes", "pretrained", "freeze_epochs",
 ]  # fmt: skip
 # best_top1 / best_epoch: the best evaluated epoch (the figure plots top1, the last epoch's); *_ema: the EMA's
 # toggles (issue 12): roadmap = name of the order step= walked (paper for the paper's), roadmap_steps = that order
 # comma-joined, without = the left-out steps "+"-joined ("" for none), base_bar = the bar before its toggles
 # code = the git commit the run finished with (summary.json; "+dirty": uncommitted changes), empty when unknown
 # img_per_s = training images/s, the median over the run's epochs (metrics.jsonl), a response of the factorial analysis
+# heads and fine-tuning (issue 26): head = the head the model got (model.head, else the step's own), head_set =
+# whether model.head was given; classes = data.classes comma-joined ("" for all); pretrained = the run's pretrained=
+# ("" for none); freeze_epochs = finetune.freeze_epochs. Runs with any of these are heads runs (analysis.heads), not
+# the roadmap's bars.
 COMPLEXITY_KEYS = ("params", "paper_params", "gflops", "gflops_total", "train_gflops")
 # epochs.csv, written beside results.csv: one row per finished epoch of every run (its metrics.jsonl line), so a
 # results.csv kept without its run folders (docs/) still draws the learning curves
@@ -158,6 +164,39 @@ def _name(node):
     return node.get("name") if isinstance(node, dict) else node
 
 
+def _transfer_fields(cfg: dict) -> dict:
+    """The heads / fine-tuning columns of a run's config (empty for runs from before those keys)."""
+    model = cfg.get("model") if isinstance(cfg.get("model"), dict) else {}
+    head = model.get("head")
+    try:
+        resolved = head_name(head, bool(model.get("head_norm")))
+    except ConfigError:
+        resolved = str(head)  # a head this code no longer knows: keep its name
+    classes = _get(cfg, "data", "classes")
+    pretrained = cfg.get("pretrained")
+    return {
+        "head": resolved if model else NAN,
+        "head_set": head is not None,
+        "classes": ",".join(map(str, classes)) if isinstance(classes, list) else "",
+        "pretrained": str(pretrained) if pretrained else "",
+        "freeze_epochs": _num(_get(cfg, "finetune", "freeze_epochs", default=0)),
+    }
+
+
+def is_transfer(df: pd.DataFrame) -> pd.Series:
+    """Rows that are heads / fine-tuning runs (model.head given, data.classes, or pretrained=), not roadmap bars: a
+    head changes the step's model and a class subset or a fine-tune its task, so pooling them with the step's runs
+    would mix different models and tasks as if they were seeds."""
+
+    def flag(col: str) -> pd.Series:
+        if col not in df.columns:
+            return pd.Series(False, df.index)
+        v = df[col].fillna("").astype(str)  # a results.csv gives "True"/"False" (or nothing) for head_set
+        return v.str.lower().isin(("true", "1", "1.0")) if col == "head_set" else v.str.len().gt(0)
+
+    return flag("head_set") | flag("classes") | flag("pretrained")
+
+
 def load_run(run_dir: str | Path) -> dict:
     """One row for one run folder; never raises, a folder it cannot read gets status 'broken'."""
     run_dir = Path(run_dir)
@@ -188,6 +227,7 @@ def load_run(run_dir: str | Path) -> dict:
         data=_name(cfg.get("data")),
         recipe=_name(cfg.get("train")),
         epochs_planned=_num(_get(cfg, "train", "epochs")),
+        **_transfer_fields(cfg),
     )
 
     try:
@@ -496,6 +536,6 @@ def _summary_row(regime: str, bar: str, runs: pd.DataFrame, roadmap: str = PAPER
 
 __all__ = [
     "EPOCHS_CSV", "EPOCH_COLUMNS", "FIGURE_ORDER", "bar_order", "collect", "collect_epochs", "find_run_dirs",
-    "groups", "is_roadmap", "load_run", "paper_step", "portable", "read_epochs_csv", "read_results_csv",
+    "groups", "is_roadmap", "is_transfer", "load_run", "paper_step", "portable", "read_epochs_csv", "read_results_csv",
     "results_csv", "row_order", "summarize",
 ]  # fmt: skip
