@@ -36,6 +36,18 @@ class RoadmapConfig:
 
 
 @dataclass
+class ResSchedule:
+    """Progressive resolution (FFCV's): the training resolution rises linearly from `start` to `end` px between
+    epochs ramp[0] and ramp[1] (epochs done, 0-based as FFCV counts), rounded to a multiple of `multiple`. Off
+    while start is null (data.img_size throughout)."""
+
+    start: Optional[int] = None
+    end: Optional[int] = None  # null: start
+    ramp: List[float] = field(default_factory=lambda: [0.0, 0.0])
+    multiple: int = 32
+
+
+@dataclass
 class DataConfig:
     """Which data set and how it is fed."""
 
@@ -48,6 +60,11 @@ class DataConfig:
     train_subset: Optional[int] = None  # use N training images, a fixed random choice (cpu proxy, tests)
     test_subset: Optional[int] = None  # use N test images (chosen the same way)
     workers: Optional[int] = None  # DataLoader workers (image folders); null: this process's core share minus one
+    decode: str = "pil"  # image folders: pil (timm's transforms in the workers) | device (ablations/decode.py)
+    # training resolution per epoch (in-memory data or data.decode=device), e.g. data.res_schedule.start=160
+    # data.res_schedule.end=192 'data.res_schedule.ramp=[11,13]'; start null: data.img_size throughout
+    res_schedule: ResSchedule = field(default_factory=ResSchedule)
+    eval_img_size: Optional[int] = None  # evaluation resolution; null: img_size
     mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     synthetic_size: int = 512  # images per split for data=synthetic

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
-from ablations.augment import BatchAugment, eval_transform, fix_timm_posterize, parse_randaug
+from ablations.augment import BatchAugment, eval_transform, fix_timm_posterize, normalize, parse_randaug
+from ablations.decode import EncodedFolder, collate_encoded, decode_batch, eval_crop_pct
 from ablations.dist import ignore_stop_signals
 from models import ConfigError
 from models.layers import choice
@@ -211,7 +213,7 @@ def load_tensors(cfg, split: str, seed: int = 0) -> TensorData:
 # Every random stream is derived from a key of small integers with numpy's SeedSequence, so no two keys share a
 # stream (seed*1000 + epoch*10 + rank made seed s at epoch e+100 equal seed s+1 at epoch e). The first key entry
 # names the purpose.
-ORDER, AUGMENT, SAMPLE = 0, 1, 2
+ORDER, AUGMENT, SAMPLE, LOADER = 0, 1, 2, 3
 
 
 def derive_seed(*key: int) -> int:
@@ -315,10 +317,18 @@ class SeededSamples(torch.utils.data.Dataset):
         return self.dataset[index]
 
 
-def image_folder(cfg, split: str, train_cfg=None):
-    """torchvision ImageFolder for root/<split>/<class>/* with timm's train or eval transform, ending in uint8 CHW
-    tensors (timm's `use_prefetcher` convention): normalisation and random erasing run on the training device, so
-    workers decode and crop only and a batch crosses shared memory as uint8, a quarter of float32."""
+DECODES = ("pil", "device")  # data.decode: where image-folder JPEGs are decoded and cropped (ablations/decode.py)
+
+
+def image_folder(cfg, split: str, train_cfg=None, cuda: bool = False):
+    """torchvision ImageFolder for root/<split>/<class>/*.
+
+    data.decode=pil: timm's train or eval transform in the workers, ending in uint8 CHW tensors (timm's
+    `use_prefetcher` convention): normalisation and random erasing run on the training device, so workers decode and
+    crop only and a batch crosses shared memory as uint8, a quarter of float32. data.decode=device: the workers hand
+    over each file's bytes and its crop box (ablations.decode.EncodedFolder), decoded on the device (`cuda`: the
+    device is a GPU, whose decoder leaves some JPEG colour modes to the host).
+    """
     from timm.data import create_transform
     from torchvision.datasets import ImageFolder
 
@@ -328,8 +338,13 @@ def image_folder(cfg, split: str, train_cfg=None):
             f"image folder {folder!r} does not exist: data.root must hold train/<class>/ and "
             "val/<class>/ (the ImageNet / Imagenette layout)"
         )
+    decode = cfg.get("decode", "pil")
+    choice("data.decode", decode, DECODES)
     if train_cfg is not None and split == "train":
         parse_randaug(train_cfg.randaug)  # a malformed string: a clear error here, not timm's bare assert
+    if decode == "device":
+        tf = None  # the workers read bytes only
+    elif train_cfg is not None and split == "train":
         tf = create_transform(
             cfg.img_size,
             is_training=True,
@@ -343,9 +358,9 @@ def image_folder(cfg, split: str, train_cfg=None):
         fix_timm_posterize(tf)  # timm's PosterizeIncreasing can ask Pillow >= 10 for 0 bits, which raises
     else:
         tf = create_transform(
-            cfg.img_size,
+            eval_resolution(cfg),
             is_training=False,
-            crop_pct=0.875 if cfg.img_size >= 160 else 1.0,
+            crop_pct=eval_crop_pct(eval_resolution(cfg)),
             interpolation="bicubic",
             use_prefetcher=True,  # uint8 out, normalised on the device
         )
@@ -372,6 +387,9 @@ def image_folder(cfg, split: str, train_cfg=None):
         raise ConfigError(
             f"image folder {folder!r} has no usable class folders ({e}); expected {folder}/<class>/<image>.jpg"
         ) from None
+    if decode == "device":
+        hflip = train_cfg.hflip if train_cfg is not None else 0.0
+        ds = EncodedFolder(ds, train=train_cfg is not None and split == "train", hflip=hflip, cuda=cuda)
     idx = subset_indices(cfg, split, len(ds))
     return ds if idx is None else torch.utils.data.Subset(ds, idx.tolist())
 
@@ -384,6 +402,65 @@ def subset_indices(cfg, split: str, total: int) -> torch.Tensor | None:
     if not n or n >= total:
         return None
     return torch.randperm(total, generator=torch.Generator().manual_seed(0))[:n].sort().values
+
+
+# ---------------------------------------------------------------------------------------------- resolution
+def res_schedule(cfg):
+    """data.res_schedule when it is on (start set; end null means start), else None (also for configs from before
+    it existed)."""
+    s = cfg.get("res_schedule")
+    if s is None or s.get("start") is None:
+        return None
+    return OmegaConf.create({**OmegaConf.to_container(s), "end": s.start if s.end is None else s.end})
+
+
+def train_resolution(cfg, epoch: int) -> int:
+    """The training resolution of `epoch` (1-based): data.img_size, or data.res_schedule's, as FFCV's
+    get_resolution: `start` up to ramp[0] epochs done, `end` from ramp[1], between them np.interp rounded to a
+    multiple of `multiple`."""
+    s = res_schedule(cfg)
+    if s is None:
+        return int(cfg.img_size)
+    done = epoch - 1
+    if done <= s.ramp[0]:
+        return int(s.start)
+    if done >= s.ramp[1]:
+        return int(s.end)
+    res = np.interp(done, [s.ramp[0], s.ramp[1]], [s.start, s.end])
+    return int(np.round(res / s.multiple)) * int(s.multiple)
+
+
+def eval_resolution(cfg) -> int:
+    """data.eval_img_size, or data.img_size when null."""
+    return int(cfg.get("eval_img_size") or cfg.img_size)
+
+
+def check_resolutions(cfg, min_size: int) -> None:
+    """data.res_schedule / eval_img_size checked: one ConfigError paragraph for a value the run cannot use."""
+    s, ev = res_schedule(cfg), cfg.get("eval_img_size")
+    if ev is not None and ev < min_size:
+        raise ConfigError(f"data.eval_img_size={ev} is below the smallest input this model takes ({min_size} px)")
+    if s is None:
+        return
+    ramp = list(s.ramp)
+    if len(ramp) != 2 or ramp[0] > ramp[1] or ramp[0] < 0:
+        raise ConfigError(
+            f"data.res_schedule.ramp={ramp} must be two epochs [from, to] with 0 <= from <= to (the training "
+            "resolution rises from res_schedule.start to res_schedule.end between them)"
+        )
+    if s.multiple < 1:
+        raise ConfigError(f"data.res_schedule.multiple={s.multiple} must be a positive number of pixels")
+    if min(s.start, s.end) < min_size:
+        raise ConfigError(
+            f"data.res_schedule goes down to {min(s.start, s.end)} px (start={s.start}, end={s.end}), below the "
+            f"smallest input this model takes ({min_size} px)"
+        )
+    if not cfg.in_memory and cfg.get("decode", "pil") != "device":
+        raise ConfigError(
+            "data.res_schedule needs the resolution to change between epochs, which image folders do with "
+            "data.decode=device (the crop is resized on the device); data.decode=pil fixes it in the workers' "
+            "transforms. Set data.decode=device, or data.res_schedule=null"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- the run's feed
@@ -412,6 +489,8 @@ class Data:
         d, t = cfg.data, cfg.train
         self.cfg, self.device = d, device
         self.memory_format = torch.channels_last if cfg.get("channels_last") else torch.contiguous_format
+        self.decode_on_device = not d.in_memory and d.get("decode", "pil") == "device"
+        self.train_size, self.eval_size = train_resolution(d, 1), eval_resolution(d)
         if (t.mixup > 0 or t.cutmix > 0) and micro_batch % 2:
             raise ConfigError(
                 f"Mixup/CutMix need an even per-process batch, got {micro_batch} (train.batch_size / "
@@ -432,7 +511,7 @@ class Data:
                 "lower train.batch_size or use more data"
             )
         self.augment = BatchAugment(
-            d.img_size,
+            self.train_size,
             d.mean,
             d.std,
             self.num_classes,
@@ -465,7 +544,8 @@ class Data:
         from timm.data.loader import fast_collate
 
         d = cfg.data
-        train_ds, test_ds = image_folder(d, "train", cfg.train), image_folder(d, "val")
+        cuda = self.device.type == "cuda"
+        train_ds, test_ds = image_folder(d, "train", cfg.train, cuda), image_folder(d, "val", cuda=cuda)
         base = train_ds.dataset if isinstance(train_ds, torch.utils.data.Subset) else train_ds
         self.num_classes = len(base.classes)
         if self.num_classes != d.num_classes and d.get("classes") is None:
@@ -478,8 +558,12 @@ class Data:
         workers = loader_workers(d)
         loader = dict(
             num_workers=workers,
-            pin_memory=self.device.type == "cuda",
-            collate_fn=fast_collate,  # uint8 batches
+            # its own generator: an iterator draws its workers' base seed when it starts, which on the global RNG
+            # would shift the step's augmentation stream at the first step of each process (so a resumed run's
+            # first step augmented differently); the samples are seeded one by one anyway (SeededSamples)
+            generator=torch.Generator().manual_seed(derive_seed(cfg.seed, LOADER, rank)),
+            pin_memory=cuda,
+            collate_fn=collate_encoded if self.decode_on_device else fast_collate,  # file bytes | uint8 batches
             worker_init_fn=ignore_stop_signals,  # a preemption signal reaches the trainer, not dead workers
         )
         self.train = torch.utils.data.DataLoader(
@@ -500,7 +584,8 @@ class Data:
         return len(self.train)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Order of `epoch`, starting at micro-batch `start_batch` (mid-epoch resume)."""
+        """Order and training resolution of `epoch`, starting at micro-batch `start_batch` (mid-epoch resume)."""
+        self.train_size = self.augment.img_size = train_resolution(self.cfg, epoch)
         if isinstance(self.train, TensorLoader):
             self.train.set_epoch(epoch, start_batch)
         else:
@@ -508,8 +593,14 @@ class Data:
 
     def train_batches(self):
         """Augmented training batches on the device, in the order set by set_epoch."""
-        for x, y in self.train:
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        for batch in self.train:
+            if self.decode_on_device:  # file bytes and crop boxes: decoded, cropped and RandAugmented here
+                datas, boxes, y = batch
+                x = decode_batch(datas, boxes, self.device, self.train_size, train=True)
+                x, y = self.augment.decoded(x, y.to(self.device, non_blocking=True))
+                yield x.contiguous(memory_format=self.memory_format), y
+                continue
+            x, y = (t.to(self.device, non_blocking=True) for t in batch)
             if self.cfg.in_memory:
                 x, y = self.augment(x, y)
             else:  # cropped and RandAugmented by the workers
@@ -518,7 +609,13 @@ class Data:
 
     def test_batches(self):
         """This rank's shard of the test split, normalised, on the device."""
-        for x, y in self.test:
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            x = eval_transform(x, self.cfg.img_size, self.augment.mean, self.augment.std)
+        for batch in self.test:
+            if self.decode_on_device:
+                datas, boxes, y = batch
+                x = decode_batch(datas, boxes, self.device, self.eval_size, train=False).div_(255)
+                x, y = normalize(x, self.augment.mean, self.augment.std), y.to(self.device, non_blocking=True)
+                yield x.contiguous(memory_format=self.memory_format), y
+                continue
+            x, y = (t.to(self.device, non_blocking=True) for t in batch)
+            x = eval_transform(x, self.eval_size, self.augment.mean, self.augment.std)
             yield x.contiguous(memory_format=self.memory_format), y

@@ -38,7 +38,7 @@ from tqdm import tqdm
 from ablations import dist as D
 from ablations.complexity import complexity, meta_complexity
 from ablations.config import left_out
-from ablations.data import AUGMENT, Data, derive_seed, seed_all
+from ablations.data import AUGMENT, DECODES, Data, check_resolutions, derive_seed, res_schedule, seed_all
 from ablations.finetune import check_finetune, load_for_finetune
 from ablations.run_folder import (
     RunFolderError,
@@ -126,9 +126,9 @@ def check_numbers(cfg, run_dir: str | None = None) -> None:
         )
     if cfg.log_every < 1:
         raise ConfigError(f"log_every must be >= 1 (optimizer steps), got {cfg.log_every}")
-    if cfg.profile == "imagenet" and cfg.data.name != "imagefolder":
+    if cfg.profile in ("imagenet", "imagenet_fast") and cfg.data.name != "imagefolder":
         raise ConfigError(
-            f"profile=imagenet trains ImageNet-format data, but data={cfg.data.name}: use data=imagefolder "
+            f"profile={cfg.profile} trains ImageNet-format data, but data={cfg.data.name}: use data=imagefolder "
             "data.root=/path/to/imagenet (root/train/<class>/*, root/val/<class>/*), or another profile "
             "(cpu, gpu, smoke) for the small data sets"
         )
@@ -137,6 +137,8 @@ def check_numbers(cfg, run_dir: str | None = None) -> None:
             "data=imagefolder needs data.root=/path/to/folder holding train/<class>/ and val/<class>/ "
             "(the ImageNet / Imagenette layout)"
         )
+    choice("data.decode", cfg.data.get("decode", "pil"), DECODES)
+    check_resolutions(cfg.data, 1)  # the model's smallest input is checked again once it is built
     check_finetune(cfg, _paths(run_dir)["ckpt"] if run_dir else None)
 
 
@@ -496,6 +498,7 @@ def setup_model(cfg, data: Data, device, info: D.DistInfo, run_dir: str):
             f"downsample {model.min_input_size}x (use img_size >= {model.min_input_size}, or a "
             "smaller model.stem_stride)"
         )
+    check_resolutions(cfg.data, model.min_input_size)
     if cfg.pretrained and not os.path.exists(_paths(run_dir)["ckpt"]):  # a resumed run restores its own last.pt
         load_for_finetune(cfg, model)
     cx = _complexity(cfg, mcfg, model, data.num_classes, _paths(run_dir)["complexity"], info.is_main)
@@ -715,6 +718,8 @@ def end_epoch(run: Run, epoch: int, meter: EpochMeter, guard: D.PreemptionGuard)
     lr = run.optimizer.param_groups[0]["lr"]
     rec = {"epoch": epoch, "train_loss": round(train_loss, 5), "lr": lr, "top1": None, "top5": None,
            "epoch_s": round(epoch_s, 2), "img_per_s": round(meter.seen / epoch_s, 1)}  # fmt: skip
+    if res_schedule(run.cfg.data) is not None or run.cfg.data.get("eval_img_size") is not None:
+        rec.update(img_size=run.data.train_size, eval_img_size=run.data.eval_size)  # this epoch's resolutions
     if epoch == run.epochs or epoch % max(1, t.eval_every) == 0:
         rec["top1"], rec["top5"] = eval_epoch(run, run.model)
         if run.ema is not None:  # the official --model_ema_eval: both, every epoch
