@@ -8,7 +8,9 @@
 then SIGKILL) so that what it wrote is kept, and each admitted only when its estimated cost fits the time left:
 env (devices, versions, TF32 settings), tests (`pytest -m cuda`), short_run (2 epochs of separate_downsampling on
 the gpu profile), benchmark (every step beside timm at 224 px, batch 128, bf16 + channels_last, eager), compile
-(torch.compile of the two endpoints and their timm twins), runs (the gpu profile's bars, one seed, headline pair
+(torch.compile of the two endpoints and their timm twins), jpeg_run (the short run's model fed from a folder of
+500 x 375 JPEGs decoded on the GPU, data.decode=device: its img/s against the short run's in-memory img/s, the
+model's own pace), runs (the gpu profile's bars, one seed, headline pair
 and big steps first, as many as fit; finished run folders from earlier sittings are reused, so the sweep resumes
 across sittings). Then everything is packed into at most 8 files (docs/gpu.md says how to read them).
 
@@ -35,6 +37,7 @@ import json
 import os
 import re
 import resource
+import shlex
 import shutil
 import subprocess
 import sys
@@ -43,7 +46,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("env", "tests", "short_run", "benchmark", "compile", "runs")
+STAGES = ("env", "tests", "short_run", "benchmark", "compile", "jpeg_run", "runs")
 # The runs stage's order of value: the headline pair, then each of the paper's big steps (|change| >= 0.5 points,
 # analysis.fidelity.BIG_STEP) together with the step before it, so that every two runs add a big-step sign, then
 # the rest of conf/sweep/roadmap.yaml's 17 bars (tests/test_gpu_check.py keeps this list equal to both).
@@ -84,6 +87,8 @@ class Plan:
     compile_steps: str
     compile_flags: list[str]
     estimate: dict  # stage -> seconds it is expected to take (guesses until a sitting measures them)
+    jpeg: list[str]  # the jpeg_run's folder (ablations.loader_bench --make flags) and run overrides
+    jpeg_overrides: list[str]
     run_prior_s: float  # one run of separate_downsampling before the short run calibrated anything
     reserve_s: float  # kept for packing (analysis, tar) out of the budget
     bars: list[str]
@@ -103,7 +108,9 @@ PLANS = {
         bench_steps="all",
         compile_steps="baseline,separate_downsampling",
         compile_flags=["--compile"],
-        estimate={"env": 15, "tests": 60, "short_run": 60, "benchmark": 150, "compile": 200},
+        estimate={"env": 15, "tests": 60, "short_run": 60, "benchmark": 150, "compile": 200, "jpeg_run": 90},
+        jpeg=["--images", "4096"],
+        jpeg_overrides=["train.batch_size=256", "train.epochs=2", "data.workers=8"],
         run_prior_s=130,
         reserve_s=45,
         bars=RUN_ORDER,
@@ -119,7 +126,9 @@ PLANS = {
         bench_steps="baseline",
         compile_steps="baseline",
         compile_flags=["--compile", "--compile-backend", "eager", "--no-timm"],
-        estimate={"env": 10, "tests": 20, "short_run": 25, "benchmark": 30, "compile": 30},
+        estimate={"env": 10, "tests": 20, "short_run": 25, "benchmark": 30, "compile": 30, "jpeg_run": 30},
+        jpeg=["--images", "16"],
+        jpeg_overrides=["train.batch_size=4", "train.epochs=1", "data.workers=1", "data.img_size=32"],
         run_prior_s=25,
         reserve_s=20,
         bars=["baseline"],
@@ -282,6 +291,23 @@ class Check:
         rec = self.stage("short_run", self.plan.estimate["short_run"], cmd)
         if rec is not None:
             rec.update(_run_numbers(run_dir))
+
+    def do_jpeg_run(self) -> None:
+        """Stage 3b: the GPU-decode feed (issue 24): separate_downsampling on the plan's profile from a folder of
+        500 x 375 JPEGs made here, data.decode=device; img/s beside the short run's (in-memory: the model's pace)."""
+        folder, run_dir = self.work / "jpegs", self.work / "jpeg_run"
+        make = [self.py, "-m", "ablations.loader_bench", "--make", str(folder), *self.plan.jpeg]
+        train = [self.py, "run_ablation.py", "step=separate_downsampling", f"profile={self.plan.profile}", "seed=0",
+                 f"device={self.plan.device}", "data=imagefolder", f"data.root={folder}", "data.decode=device",
+                 "progress=false", *self.plan.run_overrides,
+                 *self.plan.jpeg_overrides, f"hydra.run.dir={run_dir}"]  # fmt: skip
+        cmd = ["sh", "-c", " ".join(map(shlex.quote, make)) + " && " + " ".join(map(shlex.quote, train))]
+        rec = self.stage("jpeg_run", self.plan.estimate["jpeg_run"], cmd)
+        if rec is not None:
+            rec.update(_run_numbers(run_dir))
+            short = next((r for r in self.records if r["stage"] == "short_run" and r.get("img_per_s")), None)
+            if short and rec["img_per_s"]:
+                rec["vs_in_memory"] = round(max(rec["img_per_s"]) / max(short["img_per_s"]), 3)
 
     def do_benchmark(self, name: str, steps: str, extra: list[str]) -> None:
         """Stage 3: ablations.benchmark (eager every step, or compiled endpoints), CSV and Markdown kept."""
@@ -503,6 +529,7 @@ def check() -> int:
             "short_run": c.do_short_run,
             "benchmark": lambda: c.do_benchmark("benchmark", plan.bench_steps, []),
             "compile": lambda: c.do_benchmark("compile", plan.compile_steps, plan.compile_flags),
+            "jpeg_run": c.do_jpeg_run,
             "runs": lambda: c.do_runs(s["bars"]),
         }
         for name in s["stages"]:  # in the order given (runs before compile, say)
@@ -538,7 +565,8 @@ def pack(c: Check, s: dict) -> list[str]:
         trees = [(p, Path("runs") / p.relative_to(ROOT / c.runs)) for p in run_dirs]
         files["runs.tar.gz"] = _tar(out / "runs.tar.gz", trees)
     packed = {out / n for n in ("report.md", "gpu_check.json", "gpu_check.log", *files)}
-    files["work.tar.gz"] = _tar(out / "work.tar.gz", [(work, Path(work.name))], skip=packed | {work / "gpu_check.log"})
+    skip = packed | {work / "gpu_check.log", work / "jpegs"}  # the jpeg_run's images: made there, 200 MB
+    files["work.tar.gz"] = _tar(out / "work.tar.gz", [(work, Path(work.name))], skip=skip)
     c._say("packed; writing the report")
     settings = {**{k: str(v) for k, v in s.items()}, "plan": c.plan.device, "minutes": s["minutes"],
                 "stages": ",".join(s["stages"]), "bars": ",".join(s["bars"])}  # fmt: skip
@@ -568,12 +596,13 @@ def _write_csv(path: Path, rows: list[dict]) -> Path:
 
 def _tar(path: Path, trees: list[tuple[Path, Path]], skip: set[Path] = frozenset()) -> Path:
     """A .tar.gz of folders (source, name inside), without checkpoints (*.pt: too big to bring back, and a
-    finished run is reused from its summary alone) and without the files in `skip`."""
+    finished run is reused from its summary alone) and without the files and folders in `skip`."""
     skip = {p.resolve() for p in skip}
     with tarfile.open(path, "w:gz") as tar:
         for src, name in trees:
             for f in sorted(src.rglob("*")):
-                if f.is_file() and f.suffix != ".pt" and f.resolve() not in skip and f.resolve() != path.resolve():
+                skipped = f.resolve() in skip or any(d in skip for d in f.resolve().parents)  # a file or its folder
+                if f.is_file() and f.suffix != ".pt" and not skipped and f.resolve() != path.resolve():
                     tar.add(f, arcname=str(name / f.relative_to(src)))
     return path
 
@@ -643,7 +672,9 @@ def _note(r: dict) -> str:
     if "epochs_done" in r:
         ips = max(r["img_per_s"]) if r["img_per_s"] else None
         top1 = f"top-1 {r['top1']:.2f} %" if isinstance(r.get("top1"), (int, float)) else f"{r['run_status']}"
-        return f"{top1}; {r['epochs_done']} epochs; {ips or '-'} img/s (best epoch); {r['train_wall_s'] or '-'} s train"
+        vs = f"; {r['vs_in_memory']:.2f}x the in-memory short run's img/s" if r.get("vs_in_memory") else ""
+        return (f"{top1}; {r['epochs_done']} epochs; {ips or '-'} img/s (best epoch); {r['train_wall_s'] or '-'} s "
+                f"train{vs}")  # fmt: skip
     if r.get("rows"):  # the endpoints: train / infer img/s, and the ratio to their timm twin where it was measured
         ends = [x for x in r["rows"] if x["model"] in ("baseline", "separate_downsampling")] or r["rows"][:2]
         return "; ".join(_bench_note(x) for x in ends) + f" (train / infer; {len(r['rows'])} models)"

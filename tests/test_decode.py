@@ -297,3 +297,39 @@ def test_the_whole_device_augmentation_changes_images_as_timms_pil_pipeline(comp
     assert abs(ours["mean"] / ref["mean"] - 1) < 0.15, (ours, ref)
     assert all(abs(ours[q] / ref[q] - 1) < 0.15 for q in ("q50", "q75")), (ours, ref)
     assert abs(ours["q25"] - ref["q25"]) <= 8 and abs(ours["unchanged"] - ref["unchanged"]) < 0.05, (ours, ref)
+
+
+# ---------------------------------------------------------------------------------------------- profile=imagenet_fast
+def test_the_imagenet_fast_profile(compose_cfg):
+    """30 epochs on ImageNet folders decoded on the device, 160 -> 192 px, evaluated at 224, the paper's lr scaled
+    to batch 1024, the long-schedule regularisers off for every step alike; one error paragraph without data.root."""
+    from ablations.data import eval_resolution, train_resolution
+    from ablations.train import batch_split, check_numbers, run_lr
+    from models import ConfigError
+
+    for step in ("baseline", "separate_downsampling"):
+        cfg = compose_cfg("profile=imagenet_fast", "data.root=/imagenet", f"step={step}")
+        check_numbers(cfg)
+        d, t = cfg.data, cfg.train
+        assert (d.name, d.decode, t.epochs, t.batch_size, t.warmup_epochs) == ("imagefolder", "device", 30, 1024, 2)
+        sizes = [train_resolution(d, e) for e in range(1, 31)]
+        assert sizes[0] == 160 and sizes[-1] == 192 and sizes == sorted(sizes) and eval_resolution(d) == 224
+        assert run_lr(cfg) == pytest.approx(1e-3) and batch_split(t, 8).grad_accum == 1
+        assert (t.mixup, t.cutmix, t.reprob, t.drop_path_rate, t.ema) == (0.0, 0.0, 0.0, 0.0, False)
+        assert t.randaug == "rand-m9-mstd0.5-inc1" and t.label_smoothing == 0.1
+    with pytest.raises(ConfigError, match="data=imagefolder needs data.root="):
+        check_numbers(compose_cfg("profile=imagenet_fast"))
+
+
+def test_the_imagenet_fast_estimate_page_is_what_its_script_writes(tmp_path):
+    """docs/imagenet_fast.md is the output of scripts/imagenet_fast_estimate.py on docs/summary.csv and the profile
+    as they are now (rerun the script after changing either)."""
+    import runpy
+
+    root = Path(__file__).resolve().parents[1]
+    mod = runpy.run_path(str(root / "scripts" / "imagenet_fast_estimate.py"))
+    rows, info = mod["estimate"](root / "docs" / "summary.csv")
+    assert len(rows) == 17 and info["epochs"] == 30
+    convnext = next(r for r in rows if r["bar"] == "separate_downsampling")
+    assert 0 < convnext["h100_h_low"] < convnext["h100_h_high"]
+    assert mod["markdown"](rows, info) == (root / "docs" / "imagenet_fast.md").read_text()

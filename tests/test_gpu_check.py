@@ -88,6 +88,11 @@ def test_dry_run_every_stage_and_its_files(tmp_path, fmnist_dir, monkeypatch):
     assert "runs/smoke/fashion_mnist/baseline/seed0/summary.json" in runs and not any(m.endswith(".pt") for m in runs)
     work = _members(out / "work.tar.gz")
     assert {"work/env.json", "work/short_run/metrics.jsonl", "work/analysis/results.md"} <= set(work)
+    assert "work/jpeg_run/metrics.jsonl" in work and not any(m.startswith("work/jpegs/") for m in work)
+    # the jpeg run: the same model from JPEGs decoded on the device, its img/s beside the in-memory run's
+    jpeg = json.loads((tmp_path / "work" / "jpeg_run" / "summary.json").read_text())
+    assert jpeg["status"] == "finished" and st["jpeg_run"]["top1"] == jpeg["top1"]
+    assert st["jpeg_run"]["vs_in_memory"] > 0
     assert not any(m.endswith(".pt") for m in work)
 
     # the next sitting: runs.tar.gz unpacked at a repository root, the finished run is reused from its summary
@@ -150,12 +155,12 @@ def test_run_estimates_scale_the_short_run_by_the_benchmark(tmp_path, monkeypatc
 def test_budget_cut_off_skips_the_stages_that_do_not_fit_and_says_so(tmp_path, fmnist_dir):
     """35 s with 20 kept for packing: no stage of the dry run (estimates 20-30 s) fits, so each is skipped with its
     reason, in the report and the device tool's output tail, and the files still appear."""
-    p = _check(tmp_path, fmnist_dir, 35 / 60, GPU_CHECK_STAGES="tests,short_run,benchmark,compile,runs")
+    p = _check(tmp_path, fmnist_dir, 35 / 60, GPU_CHECK_STAGES="tests,short_run,benchmark,compile,jpeg_run,runs")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     out = tmp_path / "out"
     st = _stages(out)
     assert st.pop("env") == {"stage": "env", "status": "skipped", "reason": "not in GPU_CHECK_STAGES"}
-    assert list(st) == ["tests", "short_run", "benchmark", "compile", "run baseline"]
+    assert list(st) == ["tests", "short_run", "benchmark", "compile", "jpeg_run", "run baseline"]
     report = (out / "report.md").read_text()
     for name, r in st.items():
         assert r["status"] == "skipped" and re.fullmatch(rf"needs ~{r['estimate_s']:.0f} s, 1[45] s of the budget left",
