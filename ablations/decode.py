@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import io
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -141,15 +143,44 @@ def resize_center_crop(img: torch.Tensor, img_size: int, crop_pct: float) -> tor
     return x[:, top : top + img_size, left : left + img_size]
 
 
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _forget_pool() -> None:
+    global _POOL
+    _POOL = None  # a forked child has the pool object but none of its threads
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
+def _pool() -> ThreadPoolExecutor:
+    """This process's decode threads (one per torch thread; made on first use, and again after a fork)."""
+    global _POOL  # noqa: PLW0603
+    if _POOL is None or _POOL._max_workers != torch.get_num_threads():
+        _POOL = ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="decode")
+    return _POOL
+
+
 def decode_batch(datas, boxes: torch.Tensor, device, img_size: int, train: bool) -> torch.Tensor:
     """A collated batch of files as float [B, 3, S, S] in 0..255 on device: decoded there, then each image cropped
-    and resized (train: its box and flip; eval: resize and centre crop)."""
-    images = decode_images(datas, [bool(h) for h in boxes[:, HOST]], device)
-    if train:
-        out = [crop_resize(img, box, img_size) for img, box in zip(images, boxes)]
-    else:
-        out = [resize_center_crop(img, img_size, eval_crop_pct(img_size)) for img in images]
-    return torch.stack(out)
+    and resized (train: its box and flip; eval: resize and centre crop).
+
+    On a GPU the batch is one decode_jpeg call (nvjpeg's batched decoder). On a CPU the images are decoded and
+    cropped one per thread of a pool as wide as torch's threads: libjpeg-turbo decodes one image at a time and the
+    ops release the GIL, so the training process's cores share the work that DataLoader workers did before."""
+
+    def finish(img: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+        return crop_resize(img, box, img_size) if train else resize_center_crop(img, img_size, eval_crop_pct(img_size))
+
+    host = [bool(h) for h in boxes[:, HOST]]
+    if torch.device(device).type != "cpu" or len(datas) < 2 or torch.get_num_threads() < 2:
+        return torch.stack([finish(img, box) for img, box in zip(decode_images(datas, host, device), boxes)])
+
+    def one(k: int) -> torch.Tensor:
+        return finish(decode_images([datas[k]], [host[k]], device)[0], boxes[k])
+
+    return torch.stack(list(_pool().map(one, range(len(datas)))))
 
 
 __all__ = [

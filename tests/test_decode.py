@@ -58,6 +58,22 @@ def test_device_crops_equal_timms_pil_crops(compose_cfg, photos, split):
         assert len(set(flips)) == 2  # both flip states were drawn, so the flip's draw order is tested too
 
 
+def test_a_cpu_batch_decoded_by_threads_equals_one_by_one(compose_cfg, photos):
+    """On a CPU with several torch threads the batch is decoded and cropped by a thread pool: the same numbers as
+    with one thread."""
+    _, dev = _pair(compose_cfg, photos, "train")
+    datas, boxes, _ = collate_encoded([dev[(i, 77 + i)] for i in range(len(dev.dataset))])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = decode_batch(datas, boxes, "cpu", 96, train=True)
+        torch.set_num_threads(2)
+        pooled = decode_batch(datas, boxes, "cpu", 96, train=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, pooled) and one.shape == (len(datas), 3, 96, 96)
+
+
 def _odd_folder(root: Path) -> Path:
     """One class with a CMYK JPEG, a greyscale JPEG and a PNG (ImageNet has all three), one RGB JPEG."""
     rng = np.random.default_rng(1)
