@@ -69,3 +69,26 @@ def single(tmp_path_factory) -> Path:
     from ddp_helpers import single_run
 
     return single_run(tmp_path_factory)
+
+
+@pytest.fixture
+def ctrl_c_at(monkeypatch):
+    """ctrl_c_at(n): a SIGINT to this process at the trainer's n-th seed_all (one when the model is built, then one
+    per optimizer step), as a Ctrl-C mid-run; returns the function that puts seed_all back."""
+    import signal
+
+    import ablations.train as T
+
+    real, calls = T.seed_all, {"n": 0}
+
+    def install(n: int):
+        def seed_then_ctrl_c(seed):
+            calls["n"] += 1
+            if calls["n"] == n:
+                os.kill(os.getpid(), signal.SIGINT)
+            real(seed)
+
+        monkeypatch.setattr(T, "seed_all", seed_then_ctrl_c)
+        return lambda: monkeypatch.setattr(T, "seed_all", real)
+
+    return install

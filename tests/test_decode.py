@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -154,7 +152,7 @@ def test_cpu_randaugment_by_subsets_equals_the_masked_one():
 
 
 @pytest.mark.parametrize("decode", ["device", "pil"])
-def test_a_device_decode_run_resumes_exactly(tmp_path, compose_cfg, monkeypatch, photos, decode):
+def test_a_device_decode_run_resumes_exactly(tmp_path, compose_cfg, ctrl_c_at, photos, decode):
     """Ctrl-C mid-epoch with RandAugment, erasing and Mixup/CutMix on: the resumed run ends with the weights and
     metrics of the straight one (boxes from the sample's seed, device augmentation from the step's)."""
     import ablations.train as T
@@ -170,18 +168,10 @@ def test_a_device_decode_run_resumes_exactly(tmp_path, compose_cfg, monkeypatch,
         return T.train(compose_cfg(*args), str(tmp_path / d))
 
     run("straight")
-    calls, real = {"n": 0}, T.seed_all
-
-    def seed_then_ctrl_c(seed):  # once per optimizer step: Ctrl-C during epoch 2, step 2
-        calls["n"] += 1
-        if calls["n"] == 1 + 3 + 2:
-            os.kill(os.getpid(), signal.SIGINT)
-        real(seed)
-
-    monkeypatch.setattr(T, "seed_all", seed_then_ctrl_c)
+    undo = ctrl_c_at(1 + 3 + 2)  # Ctrl-C during epoch 2, step 2
     with pytest.raises(Preempted):
         run("run")
-    monkeypatch.setattr(T, "seed_all", real)
+    undo()
     assert torch.load(tmp_path / "run/last.pt", weights_only=True)["step"] == 2
     run("run")
     a, b = (torch.load(tmp_path / d / "last.pt", weights_only=True)["model"] for d in ("straight", "run"))

@@ -210,24 +210,16 @@ def _train(compose_cfg, run_dir, *overrides):
     return train(compose_cfg("step=fewer_norms", *SMOKE[:2], "max_steps=6", "train.epochs=2", *overrides), str(run_dir))
 
 
-def test_ctrl_c_mid_epoch_saves_the_exact_step_and_resumes_exactly(tmp_path, compose_cfg, monkeypatch):
-    import ablations.train as T
+def test_ctrl_c_mid_epoch_saves_the_exact_step_and_resumes_exactly(tmp_path, compose_cfg, ctrl_c_at):
     from ablations.dist import Preempted
 
     _train(compose_cfg, tmp_path / "straight")
-    calls, real, before = {"n": 0}, T.seed_all, signal.getsignal(signal.SIGINT)  # SIG_IGN under `nohup ... &`
-
-    def seed_then_ctrl_c(seed):  # once per optimizer step: Ctrl-C during epoch 2, step 2
-        calls["n"] += 1
-        if calls["n"] == 1 + 6 + 2:
-            os.kill(os.getpid(), signal.SIGINT)
-        real(seed)
-
-    monkeypatch.setattr(T, "seed_all", seed_then_ctrl_c)
+    before = signal.getsignal(signal.SIGINT)  # SIG_IGN under `nohup ... &`
+    undo = ctrl_c_at(1 + 6 + 2)  # Ctrl-C during epoch 2, step 2
     with pytest.raises(Preempted, match="run the same command again") as stopped:
         _train(compose_cfg, tmp_path / "run")
     assert stopped.value.exit_code == 130
-    monkeypatch.setattr(T, "seed_all", real)
+    undo()
     ck = torch.load(tmp_path / "run/last.pt", weights_only=True)
     assert (ck["epoch"], ck["step"]) == (1, 2)
     assert signal.getsignal(signal.SIGINT) is before  # the caller's Ctrl-C handler is back
