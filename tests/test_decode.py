@@ -339,3 +339,23 @@ def test_the_imagenet_fast_estimate_page_is_what_its_script_writes(tmp_path):
     convnext = next(r for r in rows if r["bar"] == "separate_downsampling")
     assert 0 < convnext["h100_h_low"] < convnext["h100_h_high"]
     assert mod["markdown"](rows, info) == (root / "docs" / "imagenet_fast.md").read_text()
+
+
+def test_a_run_folder_from_before_the_decode_and_resolution_keys_still_resumes(tmp_path, compose_cfg):
+    """config.yaml and checkpoints written before data.decode / res_schedule / eval_img_size existed compare equal
+    to a default run; a folder of another resolution schedule does not."""
+    import re
+
+    from omegaconf import OmegaConf
+
+    from ablations.run_folder import RunFolderError, check_checkpoint, plain, prepare
+
+    cfg = compose_cfg("step=gelu", "profile=smoke")
+    old = plain(cfg)
+    for key in ("decode", "res_schedule", "eval_img_size"):
+        old["data"].pop(key)
+    OmegaConf.save(OmegaConf.create(old), tmp_path / "config.yaml")
+    assert prepare(cfg, str(tmp_path)) is None  # to be trained or resumed, not refused
+    check_checkpoint({"config": old}, cfg, "last.pt")
+    with pytest.raises(RunFolderError, match=re.escape("data.res_schedule: None -> {'start': 32")):
+        prepare(compose_cfg("step=gelu", "profile=smoke", *sched(32, 64, 0, 1)), str(tmp_path))
