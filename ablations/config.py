@@ -210,7 +210,9 @@ def toggle_label(bar: str, without) -> str:
 def _suffix(override_dirname: str, without=None, roadmap: str | None = None) -> str:
     # run folders name the overrides that change results: runs/.../large_kernel_model.kernel_size=5/seed0, and the
     # toggles: .../separate_downsampling_without=gelu/seed0; a default run's folder name is what it always was
-    items = ([override_dirname] if override_dirname else []) + toggle_items(without, roadmap)
+    # a path in a value (pretrained=runs/sweeps/pre/seed0) would nest folders: its separators become "+"
+    flat = override_dirname.replace("=/", "=").replace("/", "+") if override_dirname else ""
+    items = ([flat] if flat else []) + toggle_items(without, roadmap)
     return f"_{','.join(items)}" if items else ""
 
 

@@ -166,6 +166,10 @@ def test_folder_names_name_the_toggles_and_keep_default_names():
     assert _suffix("", [], "paper") == "" and _suffix("model.kernel_size=5") == "_model.kernel_size=5"
     assert _suffix("model.kernel_size=5", [], "paper") == "_model.kernel_size=5"
     assert _suffix("", ["gelu", "bn_to_ln"], "paper") == "_without=gelu+bn_to_ln"
+    # a fine-tune's source path stays one folder name, not nested folders
+    flat = "_finetune.freeze_epochs=1,pretrained=runs+ft+pre"
+    assert _suffix("finetune.freeze_epochs=1,pretrained=runs/ft/pre") == flat
+    assert _suffix("pretrained=/ckpt/convnext_tiny.pth") == "_pretrained=ckpt+convnext_tiny.pth"
     assert _suffix("train.lr=0.1", ["gelu"], "micro_first") == "_train.lr=0.1,roadmap=micro_first,without=gelu"
     assert toggle_label(FULL, ["gelu"]) == "separate_downsampling_without=gelu" and toggle_label(FULL, []) == FULL
 
