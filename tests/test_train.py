@@ -281,8 +281,13 @@ def test_empty_data_folders(tmp_path, compose_cfg):
         )
 
 
-def test_folder_with_other_config_is_not_clobbered(tmp_path):
-    assert run("step=baseline", "data=synthetic", *SMOKE, f"hydra.run.dir={tmp_path}").returncode == 0
+def test_folder_with_other_config_is_not_clobbered(tmp_path, compose_cfg):
+    from ablations.run_folder import prepare
+    from ablations.train import train
+
+    first = compose_cfg("step=baseline", "data=synthetic", *SMOKE)  # in-process, as run_ablation.py does it
+    assert prepare(first, str(tmp_path)) is None
+    train(first, str(tmp_path))
     before = (tmp_path / "summary.json").read_text()
     out = run("step=gelu", "data=synthetic", *SMOKE, f"hydra.run.dir={tmp_path}")
     assert out.returncode == 2 and "different config" in out.stderr and "step: 'baseline' -> 'gelu'" in out.stderr
