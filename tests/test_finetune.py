@@ -308,3 +308,25 @@ def test_the_heads_sweep_fine_tunes_each_pretrained_run(compose_cfg):
         assert list(a.data.classes) == [0, 1, 2, 3, 4] and list(b.data.classes) == [5, 6, 7, 8, 9]
         assert b.pretrained == f"{a.hydra.sweep.dir}/{a.hydra.sweep.subdir}" and a.pretrained is None
         assert b.finetune.freeze_epochs == 1 and a.finetune.freeze_epochs == 0
+
+
+@pytest.mark.slow
+def test_a_frozen_then_unfrozen_fine_tune_trains_under_ddp_like_one_process(tmp_path):
+    """torchrun, 2 processes: the body frozen in epoch 1, then the whole model in epoch 2. DDP registers only the
+    parameters that need gradients when it is built, so the unfreeze must rebuild it; without that the body's
+    gradients of epoch 2 would stay per process and the weights would leave the single-process run's."""
+    from ddp_helpers import DDP_RUN, _assert_same_training, _run, _torchrun, free_port
+
+    pre = tmp_path / "pre"
+    out = _run([*DDP_RUN, "train.epochs=1", f"hydra.run.dir={pre}"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    ft = [*DDP_RUN, f"pretrained={pre}", "finetune.freeze_epochs=1"]
+    one = _run([*ft, f"hydra.run.dir={tmp_path / 'one'}"])
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _run([*ft, f"hydra.run.dir={tmp_path / 'two'}"], _torchrun(2, free_port()))
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "body unfrozen" in two.stderr + two.stdout
+    _assert_same_training(tmp_path / "one", tmp_path / "two")
+    body = [k for k in torch.load(pre / "last.pt", weights_only=True)["model"] if not k.startswith("head.")]
+    before, after = (torch.load(d / "last.pt", weights_only=True)["model"] for d in (pre, tmp_path / "two"))
+    assert any(not torch.equal(before[k], after[k]) for k in body)  # epoch 2 trained the body
