@@ -210,8 +210,11 @@ def analyze(
             for ext in ("png", "svg"):
                 put(f"{stem}.{ext}")
     written.update(write_heads(heads_df, epochs, out))
-    if not len(df):
-        return written  # heads runs only: no roadmap, design or leave-one-out among them
+    if not len(df):  # heads runs only: no roadmap, design or leave-one-out among them
+        if "heads.md" in written:
+            note = "No roadmap runs in this input; its heads / fine-tuning runs (heads.md):\n\n"
+            written["results.md"].write_text(note + written["heads.md"].read_text())
+        return written
     factorial, in_design = write_factorial(df, summary, out, paths)
     written.update(factorial)
     loo = leave_one_out(summary)

@@ -187,14 +187,15 @@ def _heads_figure(table: pd.DataFrame, epochs: pd.DataFrame, out_stem: Path) -> 
     ax_curve.xaxis.get_major_locator().set_params(integer=True)
     ax_curve.set_title("Learning curves (mean over seeds)", loc="left", fontweight="bold", fontsize=10)
     if ax_curve.get_lines():
-        ax_curve.legend(fontsize=7, frameon=False, loc="lower right")
+        ax_curve.legend(fontsize=7, frameon=False, loc="best")
     ax_ep.set_ylabel(f"epochs to {TO_FINAL:.0%} of final top-1")
     ax_ep.yaxis.get_major_locator().set_params(integer=True)
     ax_ep.set_title(f"Epochs to {TO_FINAL:.0%} of final", loc="left", fontweight="bold", fontsize=10)
     n = t.groupby(["body", "head"]).size()
     seeds = f"{n.min()}" if len(n) and n.min() == n.max() else (f"{n.min()}-{n.max()}" if len(n) else "0")
     what = "fine-tuned on the target classes" if phase == "finetune" else "trained from scratch"
-    fig.suptitle(f"Heads x bodies, {what} ({seeds} seeds per pair)", fontsize=13, fontweight="bold")
+    plural = "" if seeds == "1" else "s"
+    fig.suptitle(f"Heads x bodies, {what} ({seeds} seed{plural} per pair)", fontsize=13, fontweight="bold")
     _save(fig, out_stem)
     return fig
 

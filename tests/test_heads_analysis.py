@@ -120,6 +120,7 @@ def test_a_results_csv_of_heads_runs_redraws_the_same_table(heads_sweeps, tmp_pa
     again = analyze([first["results.csv"]], tmp_path / "b")  # the committed form: results.csv + epochs.csv
     assert again["heads.md"].read_text() == first["heads.md"].read_text()
     assert "roadmap.png" not in again  # heads runs only: no roadmap bars to draw
+    assert again["results.md"].read_text().endswith(again["heads.md"].read_text())  # not an empty table
 
 
 def test_plain_runs_are_not_heads_runs(tmp_path):
