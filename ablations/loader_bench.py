@@ -86,11 +86,14 @@ def _timm_loader(root: Path, batch: int, workers: int):
     from timm.data import Mixup, create_loader
     from torchvision.datasets import ImageFolder
 
+    from ablations.augment import fix_timm_posterize
+
     ds = ImageFolder(str(root / "train"))
     loader = create_loader(ds, (3, 224, 224), batch, is_training=True, use_prefetcher=True, no_aug=False,
                            re_prob=RECIPE["reprob"], hflip=RECIPE["hflip"], color_jitter=None,
                            auto_augment=RECIPE["randaug"], interpolation="bicubic", num_workers=workers,
                            device=torch.device("cpu"), persistent_workers=True)  # fmt: skip
+    fix_timm_posterize(ds.transform)  # as this project's PIL path: Pillow >= 10 refuses timm's 0-bit posterize
     mix = Mixup(mixup_alpha=RECIPE["mixup"], cutmix_alpha=RECIPE["cutmix"], num_classes=len(ds.classes))
 
     def batches():
