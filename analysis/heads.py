@@ -51,7 +51,7 @@ def heads_runs(runs: pd.DataFrame, epochs: pd.DataFrame) -> pd.DataFrame:
         curve = pd.to_numeric(curve, errors="coerce")
         freeze = r.get("freeze_epochs")
         freeze = int(freeze) if isinstance(freeze, (int, float)) and math.isfinite(freeze) else 0
-        fine = bool(str(r.get("pretrained") or "").strip()) and str(r.get("pretrained")) != "nan"
+        fine = str(r.get("pretrained", "")).strip() not in ("", "nan")  # a results.csv reads "" back as NaN
         frozen = curve.get(freeze, math.nan) if (fine and freeze > 0) else math.nan
         rows.append({
             "run_dir": r["run_dir"], "phase": "finetune" if fine else "pretrain", "body": r["step"],
