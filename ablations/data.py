@@ -13,10 +13,10 @@ import os
 import random
 import struct
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
 from ablations.augment import BatchAugment, eval_transform, fix_timm_posterize, normalize, parse_randaug
 from ablations.decode import EncodedFolder, collate_encoded, decode_batch, eval_crop_pct
@@ -357,10 +357,11 @@ def image_folder(cfg, split: str, train_cfg=None, cuda: bool = False):
         )
         fix_timm_posterize(tf)  # timm's PosterizeIncreasing can ask Pillow >= 10 for 0 bits, which raises
     else:
+        size = eval_resolution(cfg)
         tf = create_transform(
-            eval_resolution(cfg),
+            size,
             is_training=False,
-            crop_pct=eval_crop_pct(eval_resolution(cfg)),
+            crop_pct=eval_crop_pct(size),
             interpolation="bicubic",
             use_prefetcher=True,  # uint8 out, normalised on the device
         )
@@ -411,7 +412,8 @@ def res_schedule(cfg):
     s = cfg.get("res_schedule")
     if s is None or s.get("start") is None:
         return None
-    return OmegaConf.create({**OmegaConf.to_container(s), "end": s.start if s.end is None else s.end})
+    end = s.start if s.get("end") is None else s.end
+    return SimpleNamespace(start=s.start, end=end, ramp=list(s.get("ramp", [0, 0])), multiple=s.get("multiple", 32))
 
 
 def train_resolution(cfg, epoch: int) -> int:
@@ -591,17 +593,22 @@ class Data:
         else:
             self.train.sampler.set_epoch(epoch, start_batch * self.train.batch_size)
 
+    def _on_device(self, batch, size: int, train: bool):
+        """A loader batch's (images, labels) on the device: decoded, cropped and resized there to `size` from the
+        workers' file bytes and crop boxes (data.decode=device, float 0-255), else moved as the workers made them."""
+        if self.decode_on_device:
+            datas, boxes, y = batch
+            x = decode_batch(datas, boxes, self.device, size, train=train)
+            return x, y.to(self.device, non_blocking=True)
+        return tuple(t.to(self.device, non_blocking=True) for t in batch)
+
     def train_batches(self):
         """Augmented training batches on the device, in the order set by set_epoch."""
         for batch in self.train:
-            if self.decode_on_device:  # file bytes and crop boxes: decoded, cropped and RandAugmented here
-                datas, boxes, y = batch
-                x = decode_batch(datas, boxes, self.device, self.train_size, train=True)
-                x, y = self.augment.decoded(x, y.to(self.device, non_blocking=True))
-                yield x.contiguous(memory_format=self.memory_format), y
-                continue
-            x, y = (t.to(self.device, non_blocking=True) for t in batch)
-            if self.cfg.in_memory:
+            x, y = self._on_device(batch, self.train_size, train=True)
+            if self.decode_on_device:  # RandAugmented here
+                x, y = self.augment.decoded(x, y)
+            elif self.cfg.in_memory:
                 x, y = self.augment(x, y)
             else:  # cropped and RandAugmented by the workers
                 x, y = self.augment.finish(x.float().div_(255), y)
@@ -610,12 +617,9 @@ class Data:
     def test_batches(self):
         """This rank's shard of the test split, normalised, on the device."""
         for batch in self.test:
-            if self.decode_on_device:
-                datas, boxes, y = batch
-                x = decode_batch(datas, boxes, self.device, self.eval_size, train=False).div_(255)
-                x, y = normalize(x, self.augment.mean, self.augment.std), y.to(self.device, non_blocking=True)
-                yield x.contiguous(memory_format=self.memory_format), y
-                continue
-            x, y = (t.to(self.device, non_blocking=True) for t in batch)
-            x = eval_transform(x, self.eval_size, self.augment.mean, self.augment.std)
+            x, y = self._on_device(batch, self.eval_size, train=False)
+            if self.decode_on_device:  # already at the evaluation size
+                x = normalize(x.div_(255), self.augment.mean, self.augment.std)
+            else:
+                x = eval_transform(x, self.eval_size, self.augment.mean, self.augment.std)
             yield x.contiguous(memory_format=self.memory_format), y
