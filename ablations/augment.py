@@ -19,6 +19,7 @@ from timm.data import Mixup
 from timm.data.auto_augment import _RAND_INCREASING_TRANSFORMS, _RAND_TRANSFORMS
 from timm.data.random_erasing import RandomErasing
 
+from ablations.decode import thread_pool
 from models import ConfigError
 
 _LEVEL_DENOM = 10.0  # timm: magnitude M maps to the fraction M / 10 of each op's range
@@ -150,11 +151,16 @@ def _warp(x: torch.Tensor, pix: torch.Tensor, fill: torch.Tensor, mode: str) -> 
     a, bb, c, d, e, f = pix[:, 0, 0], pix[:, 0, 1], pix[:, 0, 2], pix[:, 1, 0], pix[:, 1, 1], pix[:, 1, 2]
     row0 = torch.stack([a, bb * h / w, a + bb * h / w + 2 * c / w - 1], -1)
     row1 = torch.stack([d * w / h, e, d * w / h + e + 2 * f / h - 1], -1)
-    theta = torch.stack([row0, row1], 1)
-    grid = F.affine_grid(theta, [b, 1, h, w], align_corners=False)
-    out = F.grid_sample(x, grid, mode=mode, padding_mode="border", align_corners=False)
+    theta = torch.stack([row0, row1], 1).view(b, 2, 3, 1, 1)
+    # F.affine_grid(theta, align_corners=False) written out over the pixel centres: its batched matmul over a
+    # [h * w, 3] base grid costs a CPU a third of the whole warp, these broadcasts a tenth of it
+    u = ((torch.arange(w, device=x.device, dtype=x.dtype) * 2 + 1) / w - 1).view(1, 1, w)
+    v = ((torch.arange(h, device=x.device, dtype=x.dtype) * 2 + 1) / h - 1).view(1, h, 1)
+    gx = theta[:, 0, 0] * u + theta[:, 0, 1] * v + theta[:, 0, 2]
+    gy = theta[:, 1, 0] * u + theta[:, 1, 1] * v + theta[:, 1, 2]
+    out = F.grid_sample(x, torch.stack([gx, gy], -1), mode=mode, padding_mode="border", align_corners=False)
     # PIL's bilinear/bicubic filters give up (-> fill colour) when the source point lies outside [0, w) x [0, h)
-    outside = ((grid < -1) | (grid >= 1)).any(-1, keepdim=True).permute(0, 3, 1, 2)
+    outside = ((gx < -1) | (gx >= 1) | (gy < -1) | (gy >= 1)).unsqueeze(1)
     return torch.where(outside, fill.view(1, -1, 1, 1), out).clamp_(0, 255).floor_()
 
 
@@ -167,13 +173,17 @@ def _grey(x: torch.Tensor) -> torch.Tensor:
 
 
 def _smooth(x: torch.Tensor) -> torch.Tensor:
-    """PIL's ImageFilter.SMOOTH (3x3 kernel 1 1 1 / 1 5 1 / 1 1 1 over 13, rounded); the border is left as is."""
-    c = x.shape[1]
-    k = torch.ones(3, 3, device=x.device, dtype=x.dtype)
-    k[1, 1] = 5.0
-    k /= 13.0
-    inner = F.conv2d(x, k.expand(c, 1, 3, 3), groups=c).round_()
-    return F.pad(inner, (1, 1, 1, 1)) + x - F.pad(x[..., 1:-1, 1:-1], (1, 1, 1, 1))
+    """PIL's ImageFilter.SMOOTH (3x3 kernel 1 1 1 / 1 5 1 / 1 1 1 over 13, rounded); the border is left as is. The
+    integer sum of the nine shifted views, divided once: exact (a sum over 13 never ends in .5), and on a CPU an
+    eighth of a 3-channel grouped conv2d's time."""
+    h, w = x.shape[-2:]
+    acc = 4 * x[..., 1:-1, 1:-1]
+    for i in range(3):
+        for j in range(3):
+            acc += x[..., i : h - 2 + i, j : w - 2 + j]
+    out = x.clone()
+    out[..., 1:-1, 1:-1] = acc.div_(13).round_()
+    return out
 
 
 def _point_lut(name: str, x: torch.Tensor, arg: torch.Tensor) -> torch.Tensor:
@@ -259,13 +269,15 @@ class BatchRandAugment:
     def _layer_by_subsets(self, x, op, level, sign, fill) -> torch.Tensor:
         """One layer, each op computed only on the images that drew it (the same numbers as the masked layer of
         __call__, which computes every op on every image to avoid host syncs: right on a GPU, 15x the work on a CPU,
-        where a sync costs nothing; at 224 px on a loaded CPU: ~38 ms per image masked, ~4 ms this way)."""
-        x = x.clone()
+        where a sync costs nothing; at 224 px on a loaded CPU: ~38 ms per image masked, ~4 ms this way). On a CPU
+        with several torch threads the ops run side by side in a thread pool (their images are disjoint, torch's
+        ops release the GIL, and one op on a few images is too small for torch's own intra-op threads)."""
         h, w = x.shape[-2:]
-        for k, name in enumerate(self.ops):
-            idx = (op == k).nonzero().squeeze(1)
+
+        def one(k: int):
+            name, idx = self.ops[k], (op == k).nonzero().squeeze(1)
             if not len(idx):
-                continue
+                return None
             xs, arg = x[idx], _level_to_arg(name, level[idx], sign[idx], (h, w))
             if name in _GEOMETRIC:
                 xs = _warp(xs, _pil_affine(name, arg, (h, w)), fill, self.interpolation)
@@ -274,8 +286,15 @@ class BatchRandAugment:
             else:
                 deg, f = _degenerate(name, xs), arg.view(-1, 1, 1, 1)
                 xs = torch.where(f == 1, xs, torch.trunc(deg + f * (xs - deg)).clamp_(0, 255))
-            x[idx] = xs
-        return x
+            return idx, xs
+
+        ks = range(len(self.ops))
+        parallel = x.device.type == "cpu" and torch.get_num_threads() > 1
+        out = x.clone()
+        for done in thread_pool().map(one, ks) if parallel else map(one, ks):
+            if done is not None:
+                out[done[0]] = done[1]
+        return out
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Augment x (float, 0-255 integer values, C = 1 or 3); returns a new tensor of the same kind."""

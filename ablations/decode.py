@@ -154,8 +154,9 @@ def _forget_pool() -> None:
 os.register_at_fork(after_in_child=_forget_pool)
 
 
-def _pool() -> ThreadPoolExecutor:
-    """This process's decode threads (one per torch thread; made on first use, and again after a fork)."""
+def thread_pool() -> ThreadPoolExecutor:
+    """This process's CPU image threads, one per torch thread (made on first use, and again after a fork): the
+    decode and crop of a batch's images, the ops of a CPU RandAugment layer."""
     global _POOL  # noqa: PLW0603
     if _POOL is None or _POOL._max_workers != torch.get_num_threads():
         _POOL = ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="decode")
@@ -180,10 +181,10 @@ def decode_batch(datas, boxes: torch.Tensor, device, img_size: int, train: bool)
     def one(k: int) -> torch.Tensor:
         return finish(decode_images([datas[k]], [host[k]], device)[0], boxes[k])
 
-    return torch.stack(list(_pool().map(one, range(len(datas)))))
+    return torch.stack(list(thread_pool().map(one, range(len(datas)))))
 
 
 __all__ = [
     "EncodedFolder", "collate_encoded", "crop_resize", "decode_batch", "decode_images", "eval_crop_pct",
-    "resize_center_crop",
+    "resize_center_crop", "thread_pool",
 ]  # fmt: skip

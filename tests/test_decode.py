@@ -138,17 +138,21 @@ def test_a_batch_the_decoder_fails_on_is_retried_image_by_image(tmp_path, monkey
 
 
 def test_cpu_randaugment_by_subsets_equals_the_masked_one():
-    """On a CPU each op runs on the images that drew it; the masked version (every op on every image, the GPU's)
-    gives the same numbers for the same draws."""
+    """On a CPU each op runs on the images that drew it, the ops side by side in threads when torch has several;
+    the masked version (every op on every image, the GPU's) gives the same numbers for the same draws."""
     from ablations.augment import BatchRandAugment, parse_randaug
 
-    x = torch.randint(0, 256, (24, 3, 40, 40)).float()
+    x = torch.randint(0, 256, (96, 3, 24, 24)).float()  # 96 images: every op drawn (planted: one op skipped fails)
     spec = parse_randaug("rand-m9-mstd0.5-inc1")
-    outs = []
-    for subsets in (True, False):
-        g = torch.Generator().manual_seed(7)
-        outs.append(BatchRandAugment(spec, [124, 116, 104], subsets=subsets)(x.clone(), g))
-    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], x)
+    outs, threads = [], torch.get_num_threads()
+    try:
+        for subsets, n in ((True, 1), (True, 2), (False, 2)):
+            torch.set_num_threads(n)
+            g = torch.Generator().manual_seed(7)
+            outs.append(BatchRandAugment(spec, [124, 116, 104], subsets=subsets)(x.clone(), g))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1], outs[2]) and not torch.equal(outs[0], x)
 
 
 @pytest.mark.parametrize("decode", ["device", "pil"])
