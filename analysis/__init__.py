@@ -131,44 +131,15 @@ def analyze(
     default), best_top1 (the best evaluated epoch's), or the EMA's (top1_ema, best_top1_ema); results.csv keeps
     them all. Returns {file name: path written}. Raises ValueError when no run exists under paths.
     """
-    import pandas as pd
-
-    from analysis.curves import curves_figure
     from analysis.factorial import write_factorial
-    from analysis.fidelity import fidelity, fidelity_caption, fidelity_json, fidelity_markdown
-    from analysis.figure import flops_figure, roadmap_figure, set_plot_style
+    from analysis.fidelity import fidelity, fidelity_json, fidelity_markdown
     from analysis.heads import write_heads
-    from analysis.leave_one_out import leave_one_out, leave_one_out_figure, leave_one_out_markdown
-    from analysis.runs import (
-        EPOCHS_CSV,
-        PAPER,
-        collect,
-        collect_epochs,
-        groups,
-        is_roadmap,
-        is_transfer,
-        portable,
-        summarize,
-    )
+    from analysis.runs import EPOCHS_CSV, PAPER, collect_epochs, groups, is_roadmap, portable, summarize
 
-    if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; valid choices: {', '.join(METRICS)}")
     paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
-    if not paths:
-        raise ValueError("no path given")
-    df = collect(paths)
-    if df.empty:
-        raise ValueError(f"no run folders (config.yaml) under {', '.join(map(str, paths))}")
+    results, df, heads_df = _collect(paths, metric)
     out = Path(out_dir) if out_dir is not None else paths[0].parent if paths[0].is_file() else paths[0]
     out.mkdir(parents=True, exist_ok=True)
-    results = df  # written as collected; the figures rank `metric`
-    if metric != "top1":
-        ranked = pd.to_numeric(df[metric], errors="coerce") if metric in df else pd.Series(dtype=float)
-        if not ranked.notna().any():
-            raise ValueError(f"no run here records {metric} (runs before it existed, or EMA off); use --metric top1")
-        df = df.assign(top1=ranked)
-    transfer = is_transfer(df)  # heads / fine-tuning runs: their own table and figure, not the roadmap's bars
-    heads_df, df = df[transfer], df[~transfer]
     summary = summarize(df)
     # the fidelity measures compare the paper's roadmap with the paper's; other orders and removals have no such pair
     plain = summary["without"].eq("") & summary["roadmap"].eq(PAPER)
@@ -189,6 +160,49 @@ def analyze(
     table = markdown_table(summary) + ("\n" + fidelity_markdown(records) if records else "")
     put("results.md").write_text(table)
     print(table)
+    _roadmap_figures(df, summary, walks, records, epochs, out, put)
+    written.update(write_heads(heads_df, epochs, out))
+    if not len(df):  # heads runs only: no roadmap, design or leave-one-out among them
+        if "heads.md" in written:
+            note = "No roadmap runs in this input; its heads / fine-tuning runs (heads.md):\n\n"
+            written["results.md"].write_text(note + written["heads.md"].read_text())
+        return written
+    factorial, in_design = write_factorial(df, summary, out, paths)
+    written.update(factorial)
+    _leave_one_out(summary, in_design, out, put)
+    return written
+
+
+def _collect(paths: list[Path], metric: str):
+    """(every run as collected, the roadmap runs ranked by `metric`, the heads / fine-tuning runs): transfer runs
+    get their own table and figure, not the roadmap's bars. ValueError for no path, no run or a metric no run has."""
+    import pandas as pd
+
+    from analysis.runs import collect, is_transfer
+
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; valid choices: {', '.join(METRICS)}")
+    if not paths:
+        raise ValueError("no path given")
+    df = collect(paths)
+    if df.empty:
+        raise ValueError(f"no run folders (config.yaml) under {', '.join(map(str, paths))}")
+    results = df  # written as collected; the figures rank `metric`
+    if metric != "top1":
+        ranked = pd.to_numeric(df[metric], errors="coerce") if metric in df else pd.Series(dtype=float)
+        if not ranked.notna().any():
+            raise ValueError(f"no run here records {metric} (runs before it existed, or EMA off); use --metric top1")
+        df = df.assign(top1=ranked)
+    transfer = is_transfer(df)
+    return results, df[~transfer], df[transfer]
+
+
+def _roadmap_figures(df, summary, walks, records, epochs, out: Path, put) -> None:
+    """The roadmap, top-1 vs GFLOPs and learning-curve figures of each (regime, roadmap) walked; file names by put."""
+    from analysis.curves import curves_figure
+    from analysis.fidelity import fidelity_caption
+    from analysis.figure import flops_figure, roadmap_figure, set_plot_style
+    from analysis.runs import PAPER
 
     set_plot_style()
     regimes = list(dict.fromkeys(r for r, _ in walks))
@@ -209,27 +223,25 @@ def analyze(
         for stem in stems:
             for ext in ("png", "svg"):
                 put(f"{stem}.{ext}")
-    written.update(write_heads(heads_df, epochs, out))
-    if not len(df):  # heads runs only: no roadmap, design or leave-one-out among them
-        if "heads.md" in written:
-            note = "No roadmap runs in this input; its heads / fine-tuning runs (heads.md):\n\n"
-            written["results.md"].write_text(note + written["heads.md"].read_text())
-        return written
-    factorial, in_design = write_factorial(df, summary, out, paths)
-    written.update(factorial)
+
+
+def _leave_one_out(summary, in_design, out: Path, put) -> None:
+    """leave_one_out.csv/.md and a figure per (regime, roadmap, full model) for the removals that are not points
+    of a factorial design (those are the factorial analysis's)."""
+    from analysis.leave_one_out import leave_one_out, leave_one_out_figure, leave_one_out_markdown
+
     loo = leave_one_out(summary)
-    # a design's multi-step removals are its points, reported by the factorial analysis, not leave-one-out bars
     loo = loo[~(loo["without"].str.contains("+", regex=False) & loo["without"].isin(in_design))].reset_index(drop=True)
-    if len(loo):
-        loo.to_csv(put("leave_one_out.csv"), index=False)
-        text = leave_one_out_markdown(loo)
-        put("leave_one_out.md").write_text(text)
-        print(text)
-        keys = list(dict.fromkeys(zip(loo["regime"], loo["roadmap"], loo["full"])))
-        for regime, roadmap, full in keys:
-            stem = "leave_one_out" if len(keys) == 1 else f"leave_one_out_{full}_{regime}_{roadmap}"
-            part = loo[(loo["regime"] == regime) & (loo["roadmap"] == roadmap) & (loo["full"] == full)]
-            leave_one_out_figure(part, summary[summary["regime"] == regime], out / stem)
-            for ext in ("png", "svg"):
-                put(f"{stem}.{ext}")
-    return written
+    if not len(loo):
+        return
+    loo.to_csv(put("leave_one_out.csv"), index=False)
+    text = leave_one_out_markdown(loo)
+    put("leave_one_out.md").write_text(text)
+    print(text)
+    keys = list(dict.fromkeys(zip(loo["regime"], loo["roadmap"], loo["full"])))
+    for regime, roadmap, full in keys:
+        stem = "leave_one_out" if len(keys) == 1 else f"leave_one_out_{full}_{regime}_{roadmap}"
+        part = loo[(loo["regime"] == regime) & (loo["roadmap"] == roadmap) & (loo["full"] == full)]
+        leave_one_out_figure(part, summary[summary["regime"] == regime], out / stem)
+        for ext in ("png", "svg"):
+            put(f"{stem}.{ext}")
