@@ -165,31 +165,7 @@ def _roadmap_figure(
     s = _for_regime(summary, regime)
     n = len(s)
     big, small = ARCH.get(regime, ("ResNet", "ConvNeXt"))
-    body = 1.9 + 0.36 * max(n, 3)
-    cap = 0.22 * (caption.count("\n") + 1) + 0.2 if caption else 0.0  # inches for the caption row
-    fig = _new_figure((14, body + cap))
-    heights = [cap, body] if caption else [body]
-    gs = fig.add_gridspec(len(heights), 4, width_ratios=[4.3, 1.6, 2.6, 1.05], height_ratios=heights)
-    ax = fig.add_subplot(gs[-1, 0])
-    axt = fig.add_subplot(gs[-1, 1], sharey=ax)  # our numbers
-    axp = fig.add_subplot(gs[-1, 2], sharey=ax)  # the paper's bars
-    axpt = fig.add_subplot(gs[-1, 3], sharey=ax)  # the paper's numbers
-    if caption:  # the fidelity box: its own row under the title, across all panels
-        axc = fig.add_subplot(gs[0, :])
-        axc.axis("off")
-        axc.text(
-            0.0,
-            0.5,
-            caption,
-            transform=axc.transAxes,
-            ha="left",
-            va="center",
-            fontsize=9.5,
-            gid="caption",
-            bbox={"boxstyle": "round,pad=0.4", "facecolor": "#fff8e1", "edgecolor": "#d9a400", "linewidth": 0.8},
-        )
-    y = np.arange(n)
-
+    fig, ax, axt, axp, axpt = _roadmap_axes(n, caption)
     finished = s["status"].eq("finished") & s["top1_mean"].map(_isnum) if n else pd.Series(dtype=bool)
     std = s["top1_std"].where(s["top1_std"].map(_isnum), 0.0) if n else pd.Series(dtype=float)
     ends = list(s.loc[finished, "top1_mean"] + std[finished]) + list(s.loc[finished, "top1_mean"] - std[finished])
@@ -201,88 +177,15 @@ def _roadmap_figure(
         if i % 2 == 0:  # zebra rows across all three panels so a row can be followed from label to paper value
             for a in (ax, axt, axp, axpt):
                 a.axhspan(i - 0.5, i + 0.5, color="#f2f2f2", zorder=0, lw=0)
-        colour, adopted = _colour(row["bar"]), bool(row.get("adopted", True))
-        hatch = None if adopted else HATCH
         if finished.iloc[i]:
-            err = row["top1_std"] if _isnum(row["top1_std"]) else None
-            ax.barh(
-                i,
-                row["top1_mean"] - x0,
-                left=x0,
-                height=0.68,
-                color=colour,
-                alpha=0.5 if hatch else 0.9,
-                hatch=hatch,
-                edgecolor="white" if hatch else colour,
-                linewidth=0.6,
-                xerr=err,
-                error_kw={"ecolor": "black", "capsize": 2.5, "elinewidth": 1},
-                gid=f"bar:{row['bar']}",
-                zorder=2,
-            )
+            _result_bar(ax, i, row, x0)
         else:
-            status = row.get("status", "missing")
-            partial = status == "running" and _isnum(row.get("running_top1"))
-            width = max(row["running_top1"] - x0, 0.0) if partial else 0.0
-            # Unfinished bars: outline only, so they cannot be mistaken for results.
-            ax.barh(
-                i,
-                width,
-                left=x0,
-                height=0.68,
-                fill=False,
-                edgecolor=STATUS_COLOUR.get(status, "grey"),
-                linestyle="--",
-                linewidth=1.0,
-                gid=f"bar:{row['bar']}",
-                zorder=2,
-            )
-            ax.text(
-                x0 + 0.01 * (x1 - x0),
-                i,
-                _status_label(row),
-                va="center",
-                ha="left",
-                fontsize=8.5,
-                style="italic",
-                color=STATUS_COLOUR.get(status, "grey"),
-                zorder=3,
-            )
-
-        # Numbers column: ours.
-        axt.text(
-            0.04,
-            i,
-            _fmt(row["top1_mean"], 1) + (f" ± {row['top1_std']:.1f}" if _isnum(row["top1_std"]) else ""),
-            va="center",
-            ha="left",
-            fontsize=9,
-            color="black" if finished.iloc[i] else "grey",
-        )
-        axt.text(
-            0.50,
-            i,
-            _fmt(row["gflops"], 2 if _isnum(row["gflops"]) and row["gflops"] < 10 else 1),
-            va="center",
-            ha="left",
-            fontsize=9,
-        )
-        # n = finished runs; "finished/all" in red when some runs of the bar failed or are still going.
-        total = sum(int(row.get(k, 0) or 0) for k in ("n", "n_failed", "n_running", "n_broken"))
-        n_done = int(row.get("n", 0) or 0)
-        axt.text(
-            0.97,
-            i,
-            f"{n_done}/{total}" if total != n_done else f"{n_done}",
-            va="center",
-            ha="right",
-            fontsize=9,
-            color="#d62728" if total != n_done else "black",
-        )
+            _unfinished_bar(ax, i, row, x0, x1)
+        _numbers_row(axt, i, row, finished.iloc[i])
 
     ax.set_xlim(x0, x1)
     ax.set_ylim(max(n, 1) - 0.5, -0.5)  # first bar at the top, as in the paper
-    ax.set_yticks(y, list(s["title"]) if n else [])
+    ax.set_yticks(np.arange(n), list(s["title"]) if n else [])
     ax.set_xlabel("top-1 accuracy (%), mean ± std over seeds")
     ax.set_title(f"Ours ({regime})", loc="left", fontweight="bold")
     ax.set_title(_subtitle(s), loc="right", fontsize=8.5, color="dimgrey")
@@ -301,6 +204,122 @@ def _roadmap_figure(
     _roadmap_legend(fig, s, regime)
     _save(fig, out_stem)
     return fig
+
+
+def _roadmap_axes(n: int, caption: str | None):
+    """The roadmap figure for n bars: (figure, our bars, our numbers, the paper's bars, the paper's numbers), all
+    sharing the rows' y axis; with a caption, the fidelity box in its own row under the title, across all panels."""
+    body = 1.9 + 0.36 * max(n, 3)
+    cap = 0.22 * (caption.count("\n") + 1) + 0.2 if caption else 0.0  # inches for the caption row
+    fig = _new_figure((14, body + cap))
+    heights = [cap, body] if caption else [body]
+    gs = fig.add_gridspec(len(heights), 4, width_ratios=[4.3, 1.6, 2.6, 1.05], height_ratios=heights)
+    ax = fig.add_subplot(gs[-1, 0])
+    axt = fig.add_subplot(gs[-1, 1], sharey=ax)  # our numbers
+    axp = fig.add_subplot(gs[-1, 2], sharey=ax)  # the paper's bars
+    axpt = fig.add_subplot(gs[-1, 3], sharey=ax)  # the paper's numbers
+    if caption:
+        axc = fig.add_subplot(gs[0, :])
+        axc.axis("off")
+        axc.text(
+            0.0,
+            0.5,
+            caption,
+            transform=axc.transAxes,
+            ha="left",
+            va="center",
+            fontsize=9.5,
+            gid="caption",
+            bbox={"boxstyle": "round,pad=0.4", "facecolor": "#fff8e1", "edgecolor": "#d9a400", "linewidth": 0.8},
+        )
+    return fig, ax, axt, axp, axpt
+
+
+def _result_bar(ax, i: int, row, x0: float) -> None:
+    """A finished bar from x0 to its mean top-1, std as the error bar; hatched and paler when not adopted."""
+    colour, adopted = _colour(row["bar"]), bool(row.get("adopted", True))
+    hatch = None if adopted else HATCH
+    err = row["top1_std"] if _isnum(row["top1_std"]) else None
+    ax.barh(
+        i,
+        row["top1_mean"] - x0,
+        left=x0,
+        height=0.68,
+        color=colour,
+        alpha=0.5 if hatch else 0.9,
+        hatch=hatch,
+        edgecolor="white" if hatch else colour,
+        linewidth=0.6,
+        xerr=err,
+        error_kw={"ecolor": "black", "capsize": 2.5, "elinewidth": 1},
+        gid=f"bar:{row['bar']}",
+        zorder=2,
+    )
+
+
+def _unfinished_bar(ax, i: int, row, x0: float, x1: float) -> None:
+    """A bar without a result: outline only, so it cannot be mistaken for one (as far as a running job's last
+    evaluation), with its status in words."""
+    status = row.get("status", "missing")
+    partial = status == "running" and _isnum(row.get("running_top1"))
+    width = max(row["running_top1"] - x0, 0.0) if partial else 0.0
+    colour = STATUS_COLOUR.get(status, "grey")
+    ax.barh(
+        i,
+        width,
+        left=x0,
+        height=0.68,
+        fill=False,
+        edgecolor=colour,
+        linestyle="--",
+        linewidth=1.0,
+        gid=f"bar:{row['bar']}",
+        zorder=2,
+    )
+    ax.text(
+        x0 + 0.01 * (x1 - x0),
+        i,
+        _status_label(row),
+        va="center",
+        ha="left",
+        fontsize=8.5,
+        style="italic",
+        color=colour,
+        zorder=3,
+    )
+
+
+def _numbers_row(axt, i: int, row, finished: bool) -> None:
+    """Our numbers beside bar i: top-1 ± std, GFLOPs, and n (finished runs; "finished/all" in red when some runs of
+    the bar failed or are still going)."""
+    axt.text(
+        0.04,
+        i,
+        _fmt(row["top1_mean"], 1) + (f" ± {row['top1_std']:.1f}" if _isnum(row["top1_std"]) else ""),
+        va="center",
+        ha="left",
+        fontsize=9,
+        color="black" if finished else "grey",
+    )
+    axt.text(
+        0.50,
+        i,
+        _fmt(row["gflops"], 2 if _isnum(row["gflops"]) and row["gflops"] < 10 else 1),
+        va="center",
+        ha="left",
+        fontsize=9,
+    )
+    total = sum(int(row.get(k, 0) or 0) for k in ("n", "n_failed", "n_running", "n_broken"))
+    n_done = int(row.get("n", 0) or 0)
+    axt.text(
+        0.97,
+        i,
+        f"{n_done}/{total}" if total != n_done else f"{n_done}",
+        va="center",
+        ha="right",
+        fontsize=9,
+        color="#d62728" if total != n_done else "black",
+    )
 
 
 def _column_headers(axt, headers: list[tuple[float, str, str]]) -> None:
