@@ -159,66 +159,10 @@ def _figure(loo: pd.DataFrame, summary: pd.DataFrame, out_stem: Path) -> Figure:
     n = len(loo)
     fig = _new_figure((13, 2.3 + 0.42 * max(n, 3)))
     ax, axg = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [1.25, 1]})
-    y = np.arange(n)
-    h = 0.38
-    for a, col, pcol, se_col in (
-        (ax, "top1_contribution", "paper_top1_gain", "top1_contribution_se"),
-        (axg, "gflops_contribution", "paper_gflops_gain", None),
-    ):
-        ours, paper = loo[col].map(_num), loo[pcol].map(_num)
-        err_all = loo[se_col].map(_num).fillna(0.0) if se_col else pd.Series(0.0, loo.index)
-        ends = [v for v in (*(ours + err_all), *(ours - err_all), *paper) if _isnum(v)] + [0.0]
-        lo, hi = min(ends), max(ends)
-        span = max(hi - lo, 0.1)
-        for i, r in loo.reset_index(drop=True).iterrows():
-            colour = _colour(r["without"].split("+")[0])
-            if i % 2 == 0:
-                a.axhspan(i - 0.5, i + 0.5, color="#f2f2f2", zorder=0, lw=0)
-            err = r[se_col] if se_col and _isnum(r[se_col]) else None
-            if _isnum(ours[i]):
-                a.barh(
-                    i - h / 2,
-                    ours[i],
-                    height=h,
-                    color=colour,
-                    alpha=0.9,
-                    xerr=err,
-                    zorder=2,
-                    error_kw={"ecolor": "black", "capsize": 2.5, "elinewidth": 1},
-                    gid=f"loo:{r['without']}" if a is ax else None,
-                )
-                _value(a, ours[i] + (np.sign(ours[i]) * err if err else 0), i - h / 2, ours[i], span, err)
-            elif a is ax:
-                a.barh(i - h / 2, 0, height=h, gid=f"loo:{r['without']}")
-                a.text(
-                    0,
-                    i - h / 2,
-                    f"  {r['status']}",
-                    va="center",
-                    ha="left",
-                    fontsize=8.5,
-                    style="italic",
-                    color="#d62728",
-                )
-            if _isnum(paper[i]):
-                a.barh(
-                    i + h / 2,
-                    paper[i],
-                    height=h,
-                    color=PAPER_COLOUR,
-                    alpha=0.55,
-                    hatch="///",
-                    edgecolor="white",
-                    linewidth=0.5,
-                    zorder=2,
-                )
-                _value(a, paper[i], i + h / 2, paper[i], span, None, colour="dimgrey")
-        a.axvline(0, color="black", linewidth=0.8, zorder=3)
-        a.set_xlim(lo - 0.22 * span, hi + 0.22 * span)  # room for the value labels beyond the bars
-        a.grid(axis="x", zorder=1)
-        a.tick_params(axis="y", length=0)
+    _panel(ax, loo, "top1_contribution", "paper_top1_gain", "top1_contribution_se", top1=True)
+    _panel(axg, loo, "gflops_contribution", "paper_gflops_gain", None, top1=False)
     ax.set_ylim(max(n, 1) - 0.5, -0.5)
-    ax.set_yticks(y, [f"− {t}" for t in loo["title"]] if n else [])
+    ax.set_yticks(np.arange(n), [f"− {t}" for t in loo["title"]] if n else [])
     ax.set_xlabel("top-1 contribution (pp): full − without the step  (ours: mean ± SE over seeds)")
     axg.set_xlabel("GFLOPs contribution: full − without (the model at 224 px, full width)")
     ax.set_title("top-1: what the step still adds", loc="left", fontweight="bold")
@@ -247,6 +191,56 @@ def _figure(loo: pd.DataFrame, summary: pd.DataFrame, out_stem: Path) -> Figure:
     fig.legend(handles=handles, loc="outside lower center", ncol=2, frameon=False)
     _save(fig, out_stem)
     return fig
+
+
+def _panel(a, loo: pd.DataFrame, col: str, pcol: str, se_col: str | None, top1: bool) -> None:
+    """One panel: per removed step our contribution (column col, error bar se_col) above the paper's gain (pcol),
+    values written at the bar ends; the top-1 panel names the status of a removal without a result."""
+    h = 0.38
+    ours, paper = loo[col].map(_num), loo[pcol].map(_num)
+    err_all = loo[se_col].map(_num).fillna(0.0) if se_col else pd.Series(0.0, loo.index)
+    ends = [v for v in (*(ours + err_all), *(ours - err_all), *paper) if _isnum(v)] + [0.0]
+    lo, hi = min(ends), max(ends)
+    span = max(hi - lo, 0.1)
+    for i, r in loo.reset_index(drop=True).iterrows():
+        colour = _colour(r["without"].split("+")[0])
+        if i % 2 == 0:
+            a.axhspan(i - 0.5, i + 0.5, color="#f2f2f2", zorder=0, lw=0)
+        err = r[se_col] if se_col and _isnum(r[se_col]) else None
+        if _isnum(ours[i]):
+            a.barh(
+                i - h / 2,
+                ours[i],
+                height=h,
+                color=colour,
+                alpha=0.9,
+                xerr=err,
+                zorder=2,
+                error_kw={"ecolor": "black", "capsize": 2.5, "elinewidth": 1},
+                gid=f"loo:{r['without']}" if top1 else None,
+            )
+            _value(a, ours[i] + (np.sign(ours[i]) * err if err else 0), i - h / 2, ours[i], span, err)
+        elif top1:
+            a.barh(i - h / 2, 0, height=h, gid=f"loo:{r['without']}")
+            a.text(0, i - h / 2, f"  {r['status']}", va="center", ha="left", fontsize=8.5, style="italic",
+                   color="#d62728")  # fmt: skip
+        if _isnum(paper[i]):
+            a.barh(
+                i + h / 2,
+                paper[i],
+                height=h,
+                color=PAPER_COLOUR,
+                alpha=0.55,
+                hatch="///",
+                edgecolor="white",
+                linewidth=0.5,
+                zorder=2,
+            )
+            _value(a, paper[i], i + h / 2, paper[i], span, None, colour="dimgrey")
+    a.axvline(0, color="black", linewidth=0.8, zorder=3)
+    a.set_xlim(lo - 0.22 * span, hi + 0.22 * span)  # room for the value labels beyond the bars
+    a.grid(axis="x", zorder=1)
+    a.tick_params(axis="y", length=0)
 
 
 def _value(a, x_end, y, value, span, err, colour="black") -> None:
