@@ -329,7 +329,6 @@ def image_folder(cfg, split: str, train_cfg=None, cuda: bool = False):
     over each file's bytes and its crop box (ablations.decode.EncodedFolder), decoded on the device (`cuda`: the
     device is a GPU, whose decoder leaves some JPEG colour modes to the host).
     """
-    from timm.data import create_transform
     from torchvision.datasets import ImageFolder
 
     folder = os.path.join(cfg.root, "train" if split == "train" else "val")
@@ -340,31 +339,10 @@ def image_folder(cfg, split: str, train_cfg=None, cuda: bool = False):
         )
     decode = cfg.get("decode", "pil")
     choice("data.decode", decode, DECODES)
-    if train_cfg is not None and split == "train":
+    train = train_cfg is not None and split == "train"
+    if train:
         parse_randaug(train_cfg.randaug)  # a malformed string: a clear error here, not timm's bare assert
-    if decode == "device":
-        tf = None  # the workers read bytes only
-    elif train_cfg is not None and split == "train":
-        tf = create_transform(
-            cfg.img_size,
-            is_training=True,
-            auto_augment=train_cfg.randaug or None,
-            color_jitter=None,  # timm jitters colours unless RandAugment is on; neither recipe of the paper does
-            hflip=train_cfg.hflip,
-            mean=tuple(cfg.mean),  # RandAugment's fill colour
-            interpolation="bicubic",
-            use_prefetcher=True,  # uint8 out; random erasing (train.reprob) is BatchAugment's, on the device
-        )
-        fix_timm_posterize(tf)  # timm's PosterizeIncreasing can ask Pillow >= 10 for 0 bits, which raises
-    else:
-        size = eval_resolution(cfg)
-        tf = create_transform(
-            size,
-            is_training=False,
-            crop_pct=eval_crop_pct(size),
-            interpolation="bicubic",
-            use_prefetcher=True,  # uint8 out, normalised on the device
-        )
+    tf = None if decode == "device" else _pil_transform(cfg, train_cfg if train else None)  # device: bytes only
     classes = folder_classes(cfg)
 
     class Selected(ImageFolder):
@@ -390,9 +368,37 @@ def image_folder(cfg, split: str, train_cfg=None, cuda: bool = False):
         ) from None
     if decode == "device":
         hflip = train_cfg.hflip if train_cfg is not None else 0.0
-        ds = EncodedFolder(ds, train=train_cfg is not None and split == "train", hflip=hflip, cuda=cuda)
+        ds = EncodedFolder(ds, train=train, hflip=hflip, cuda=cuda)
     idx = subset_indices(cfg, split, len(ds))
     return ds if idx is None else torch.utils.data.Subset(ds, idx.tolist())
+
+
+def _pil_transform(cfg, train_cfg=None):
+    """data.decode=pil's per-sample transform, uint8 CHW out: timm's train transform with the run's RandAugment and
+    flips (train_cfg given), else its eval transform at the evaluation resolution."""
+    from timm.data import create_transform
+
+    if train_cfg is not None:
+        tf = create_transform(
+            cfg.img_size,
+            is_training=True,
+            auto_augment=train_cfg.randaug or None,
+            color_jitter=None,  # timm jitters colours unless RandAugment is on; neither recipe of the paper does
+            hflip=train_cfg.hflip,
+            mean=tuple(cfg.mean),  # RandAugment's fill colour
+            interpolation="bicubic",
+            use_prefetcher=True,  # uint8 out; random erasing (train.reprob) is BatchAugment's, on the device
+        )
+        fix_timm_posterize(tf)  # timm's PosterizeIncreasing can ask Pillow >= 10 for 0 bits, which raises
+        return tf
+    size = eval_resolution(cfg)
+    return create_transform(
+        size,
+        is_training=False,
+        crop_pct=eval_crop_pct(size),
+        interpolation="bicubic",
+        use_prefetcher=True,  # uint8 out, normalised on the device
+    )
 
 
 def subset_indices(cfg, split: str, total: int) -> torch.Tensor | None:
