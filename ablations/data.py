@@ -426,8 +426,13 @@ def res_schedule(cfg):
     s = cfg.get("res_schedule")
     if s is None or s.get("start") is None:
         return None
+    from ablations.config import ResSchedule  # its defaults for keys a hand-made config leaves out
+
+    d = ResSchedule()
     end = s.start if s.get("end") is None else s.end
-    return SimpleNamespace(start=s.start, end=end, ramp=list(s.get("ramp", [0, 0])), multiple=s.get("multiple", 32))
+    return SimpleNamespace(
+        start=s.start, end=end, ramp=list(s.get("ramp", d.ramp)), multiple=s.get("multiple", d.multiple)
+    )
 
 
 def train_resolution(cfg, epoch: int) -> int:
