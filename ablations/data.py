@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ablations.augment import BatchAugment, eval_transform, fix_timm_posterize, normalize, parse_randaug
-from ablations.decode import EncodedFolder, collate_encoded, decode_batch, eval_crop_pct
+from ablations.decode import EncodedFolder, collate_encoded, decode_batch, eval_crop_pct, unpack_files
 from ablations.dist import ignore_stop_signals
 from models import ConfigError
 from models.layers import choice
@@ -616,8 +616,8 @@ class Data:
         """A loader batch's (images, labels) on the device: decoded, cropped and resized there to `size` from the
         workers' file bytes and crop boxes (data.decode=device, float 0-255), else moved as the workers made them."""
         if self.decode_on_device:
-            datas, boxes, y = batch
-            x = decode_batch(datas, boxes, self.device, size, train=train)
+            data, lengths, boxes, y = batch
+            x = decode_batch(unpack_files(data, lengths), boxes, self.device, size, train=train)
             return x, y.to(self.device, non_blocking=True)
         return tuple(t.to(self.device, non_blocking=True) for t in batch)
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ablations.decode import HOST, EncodedFolder, collate_encoded, decode_batch, decode_images
+from ablations.decode import HOST, EncodedFolder, collate_encoded, decode_batch, decode_images, unpack_files
 from ablations.loader_bench import make_jpeg_folder
 
 # the device path against PIL for the same box, in grey levels of 0..255 (measured here: mean |diff| 0.003-0.25 per
@@ -38,6 +38,12 @@ def _pair(compose_cfg, root, split, *extra):
     return out
 
 
+def _files(batch):
+    """A collated device-path batch's files (views of its packed bytes) and boxes."""
+    data, lengths, boxes, _ = batch
+    return unpack_files(data, lengths), boxes
+
+
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_device_crops_equal_timms_pil_crops(compose_cfg, photos, split):
     """Train: the same RandomResizedCrop box and flip from the sample's seed, resized bicubic with antialiasing;
@@ -60,7 +66,7 @@ def test_a_cpu_batch_decoded_by_threads_equals_one_by_one(compose_cfg, photos):
     """On a CPU with several torch threads the batch is decoded and cropped by a thread pool: the same numbers as
     with one thread."""
     _, dev = _pair(compose_cfg, photos, "train")
-    datas, boxes, _ = collate_encoded([dev[(i, 77 + i)] for i in range(len(dev.dataset))])
+    datas, boxes = _files(collate_encoded([dev[(i, 77 + i)] for i in range(len(dev.dataset))]))
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -96,7 +102,7 @@ def test_what_the_device_decoder_refuses_is_decoded_on_the_host(tmp_path, cuda):
     root = _odd_folder(tmp_path)
     ds = EncodedFolder(ImageFolder(str(root / "train")), train=False, cuda=cuda)
     names = [Path(p).name for p, _ in ds.samples]
-    datas, boxes, _ = collate_encoded([ds[i] for i in range(len(ds))])
+    datas, boxes = _files(collate_encoded([ds[i] for i in range(len(ds))]))
     host = dict(zip(names, boxes[:, HOST].bool().tolist()))
     # the PNG always; CMYK only where the device is a GPU (nvjpeg does not convert it; the CPU decoder does)
     assert host == {"cmyk.jpg": cuda, "grey.jpg": False, "photo.png": True, "rgb.jpg": False}
@@ -209,6 +215,21 @@ def test_the_jpeg_bytes_are_the_file(photos):
         assert 0 <= top and top + h <= im.size[1] and 0 <= left and left + w <= im.size[0]
 
 
+def test_a_batch_packs_its_files_into_one_tensor_and_unpacks_them_as_they_were(photos):
+    """A worker hands the trainer one packed tensor per batch (one shared-memory block); split again, each file is
+    its bytes on disk, beside its box and label."""
+    from torchvision.datasets import ImageFolder
+
+    ds = EncodedFolder(ImageFolder(str(photos / "train")), train=True)
+    items = [ds[i] for i in range(len(ds))]
+    data, lengths, boxes, labels = collate_encoded(items)
+    assert data.dim() == 1 and data.dtype == torch.uint8 and len(data) == sum(len(d) for d, _, _ in items)
+    files = unpack_files(data, lengths)
+    assert len(files) == len(ds) == len(set(Path(p).read_bytes() for p, _ in ds.samples))
+    for f, (path, label), box, y in zip(files, ds.samples, boxes, labels):
+        assert f.numpy().tobytes() == Path(path).read_bytes() and int(y) == label and box.shape == (6,)
+
+
 # ------------------------------------------------------------------------------------------ progressive resolution
 def sched(start, end, ramp0, ramp1) -> tuple[str, ...]:
     return (
@@ -297,7 +318,7 @@ def test_the_whole_device_augmentation_changes_images_as_timms_pil_pipeline(comp
     keys = [(k % len(plain.dataset), 5000 + k) for k in range(n)]
     crops = torch.stack([plain[key][0] for key in keys]).float()
     pil_change = (torch.stack([pil_ra[key][0] for key in keys]).float() - crops).abs().mean((1, 2, 3))
-    datas, boxes, _ = collate_encoded([dev[key] for key in keys])
+    datas, boxes = _files(collate_encoded([dev[key] for key in keys]))
     x = decode_batch(datas, boxes, "cpu", 160, train=True)
     assert (x - crops).abs().mean() < MEAN_TOL  # the same crops before RandAugment
     fill = [min(255, round(255 * m)) for m in cfg.data.mean]
