@@ -287,6 +287,17 @@ def test_randaug_op_matches_timm_pil(name, channels):
         assert (ours != x).flatten(1).any(1).all()
 
 
+def test_grey_is_pils_luma_for_every_colour():
+    """_grey (float arithmetic, the Color and Contrast ops' degenerate image) equals PIL's convert('L') for all 2**24
+    RGB colours, as the integer formula it replaced did. Plant: round instead of floor -> fails."""
+    from ablations.augment import _grey
+
+    rgb = torch.arange(2**24, dtype=torch.int32)
+    rgb = torch.stack([rgb >> 16, (rgb >> 8) & 255, rgb & 255]).to(torch.uint8).view(3, 4096, 4096)
+    pil = np.asarray(Image.fromarray(rgb.permute(1, 2, 0).numpy(), "RGB").convert("L"))
+    assert torch.equal(_grey(rgb[None].float())[0, 0], torch.from_numpy(pil.copy()).float())
+
+
 def test_posterize_keeping_zero_bits():
     """At magnitude 10 timm's PosterizeIncreasing keeps 0 bits: a black image (Pillow < 10), which Pillow >= 10
     refuses with ValueError in about 0.2 % of images of timm's create_transform pipeline. Ours gives black, and
