@@ -2,7 +2,8 @@
 
 Each job's folder says where it is: config.yaml the epochs planned (train.epochs), metrics.jsonl the epochs done
 (with their times), summary.json whether it finished or failed; no summary means running (or killed). A job that
-has not started has no folder yet, so it is not listed.
+has not started has no folder yet, so it is not listed; it is counted, though, where its sweep's folder holds
+Hydra's multirun.yaml (the jobs it was launched with), and the sweep's ETA counts it at the listed jobs' mean time.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
+from omegaconf import OmegaConf
 
 from analysis.runs import _num, _read_metrics, find_run_dirs, load_run
 
@@ -60,15 +62,58 @@ def sweep_status(paths: Iterable[str | Path] | str | Path) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
-def sweep_eta(df: pd.DataFrame) -> float:
-    """Seconds until the sweep's listed jobs end: their time left, shared by the jobs running now (1 for a
-    one-process sweep, n_jobs for a parallel one); NaN when some running job's time cannot be estimated."""
+def launched_jobs(sweep_dir: str | Path) -> int | None:
+    """How many jobs the sweep in sweep_dir was launched with, from its multirun.yaml: hydra.sweeper.params and
+    the command line's overrides, expanded as Hydra's basic sweeper expands them (its own parser and
+    split_arguments, so `a,b`, ranges, globs and a command line that overrides a sweep file's key count as they
+    ran). None without a multirun.yaml, or for one this cannot expand (another sweeper's syntax)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from ablations.config import register
+
+    path = Path(sweep_dir) / "multirun.yaml"
+    if not path.is_file():
+        return None
+    register()  # the project's resolvers: `+sweep=factorial`'s params are ${factorial.without:}
+    try:
+        cfg = OmegaConf.load(path)
+        params = [f"{k}={v}" for k, v in (OmegaConf.select(cfg, "hydra.sweeper.params") or {}).items()]
+        task = list(OmegaConf.select(cfg, "hydra.overrides.task") or [])
+        batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(params + task), None)
+    except Exception:  # noqa: BLE001 -- a status display: an unreadable plan only means "not counted"
+        return None
+    return sum(len(b) for b in batches)
+
+
+def not_started(df: pd.DataFrame, paths: Iterable[str | Path] | str | Path) -> int:
+    """Jobs that the sweeps under paths were launched with and that have no run folder yet: per sweep folder
+    (one holding multirun.yaml), its launched jobs minus the listed jobs under it."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    plans = [p for root in map(Path, paths) for p in [root / "multirun.yaml", *root.rglob("*/multirun.yaml")]]
+    sweeps = {p.parent.resolve() for p in plans if p.is_file()}
+    runs = [Path(r).resolve() for r in df["run_dir"]] if len(df) else []
+    missing = 0
+    for sweep in sweeps:
+        launched = launched_jobs(sweep)
+        if launched is not None:
+            missing += max(0, launched - sum(sweep in r.parents for r in runs))
+    return missing
+
+
+def sweep_eta(df: pd.DataFrame, not_started: int = 0) -> float:
+    """Seconds until the sweep ends: the listed jobs' time left plus not_started jobs at the listed jobs' mean
+    time (epochs planned x mean epoch time), shared by the jobs running now (1 for a one-process sweep, n_jobs
+    for a parallel one); NaN when some running job's time, or every listed job's time, cannot be estimated."""
     if df.empty:
-        return 0.0
+        return 0.0 if not not_started else math.nan
     running = df[df["status"] == "running"]
     if running["eta_s"].isna().any():
         return math.nan
-    return float(running["eta_s"].sum()) / max(1, int((running["eta_s"] > 0).sum()))
+    left = float(running["eta_s"].sum())
+    if not_started:
+        left += not_started * float((df["epochs_planned"] * df["epoch_s"]).mean())  # NaN if no job has a time
+    return left / max(1, int((running["eta_s"] > 0).sum()))
 
 
 def _duration(s: float) -> str:
@@ -81,8 +126,9 @@ def _duration(s: float) -> str:
     return f"{s // 60}m {s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
-def format_status(df: pd.DataFrame) -> str:
-    """The status table as aligned text, with one line of counts and the sweep's ETA."""
+def format_status(df: pd.DataFrame, not_started: int = 0) -> str:
+    """The status table as aligned text, with one line of counts (not_started: jobs launched without a folder
+    yet) and the sweep's ETA."""
     header = ["bar", "seed", "epochs", "top-1", "img/s", "status", "time left"]
     lines = []
     for _, r in df.iterrows():
@@ -104,16 +150,25 @@ def format_status(df: pd.DataFrame) -> str:
     fmt = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
     out = [fmt(header), fmt(["-" * w for w in widths]), *map(fmt, lines)]
     counts = df["status"].value_counts() if len(df) else pd.Series(dtype=int)
-    summary = ", ".join(f"{int(counts[k])} {k}" for k in ("finished", "running", "failed", "broken") if k in counts)
-    out += ["", f"{len(df)} jobs: {summary or 'none'} · sweep ETA: {_duration(sweep_eta(df))}"]
+    counts = {k: int(counts[k]) for k in ("finished", "running", "failed", "broken") if k in counts}
+    if not_started:
+        counts["not started"] = not_started
+    summary = ", ".join(f"{n} {k}" for k, n in counts.items())
+    eta = _duration(sweep_eta(df, not_started))
+    if not_started and eta != "unknown":
+        mean = _duration(float((df["epochs_planned"] * df["epoch_s"]).mean()))
+        eta += f" (the {not_started} not started at the listed jobs' mean time, {mean})"
+    out += ["", f"{len(df) + not_started} jobs: {summary or 'none'} · sweep ETA: {eta}"]
     return "\n".join(out)
 
 
 def print_status(paths: Iterable[str | Path]) -> str:
-    """Print (and return) the status table of every job under paths."""
-    text = format_status(sweep_status(paths))
+    """Print (and return) the status table of every job under paths, and the count of those not started."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    df = sweep_status(paths)
+    text = format_status(df, not_started(df, paths))
     print(text)
     return text
 
 
-__all__ = ["format_status", "print_status", "sweep_eta", "sweep_status"]
+__all__ = ["format_status", "launched_jobs", "not_started", "print_status", "sweep_eta", "sweep_status"]

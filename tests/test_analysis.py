@@ -509,3 +509,35 @@ def test_status_lists_finished_running_and_failed(tmp_path):
     df = sweep_status(tmp_path)  # with no epoch time anywhere, the ETA is unknown
     df.loc[df["bar"] == "gelu", "eta_s"] = float("nan")
     assert "sweep ETA: unknown" in format_status(df)
+
+
+def test_status_counts_the_jobs_a_sweep_launched_that_have_not_started(tmp_path):
+    """Jobs without a folder yet are counted from the sweep folder's multirun.yaml, expanded as Hydra's basic
+    sweeper expands it (here `+sweep=factorial`'s resolver: a full design of 3 steps = 8 runs, and the command
+    line's seed=1 replacing the sweep file's 0,1), and the ETA counts them at the listed jobs' mean time."""
+    from analysis.status import format_status, launched_jobs, not_started, sweep_status
+
+    sweep = tmp_path / "fact"
+    sweep.mkdir()
+    plan = {
+        "factorial": {"factors": ["gelu", "fewer_norms", "bn_to_ln"], "design": "full"},
+        "hydra": {
+            "sweeper": {"params": {"step": "separate_downsampling", "without": "${factorial.without:}", "seed": "0,1"}},
+            "overrides": {"task": ["+sweep=factorial", "seed=1", "progress=false"]},
+        },
+    }
+    (sweep / "multirun.yaml").write_text(yaml.safe_dump(plan))
+    assert launched_jobs(sweep) == 8
+    write_run(sweep, "gelu", 1, epochs=4)  # finished: 4 epochs of 1 s
+    write_run(sweep, "bn_to_ln", 1, status=None, epochs=4, metrics=1)  # running: 3 s left
+    write_run(tmp_path / "other", "baseline", 0, status=None, epochs=4, metrics=2)  # no plan: 2 s left
+    df = sweep_status(tmp_path)
+    assert not_started(df, [tmp_path]) == 6 and not_started(df, [tmp_path / "other"]) == 0
+    # (3 + 2 s left + 6 jobs x 4 s) shared by the 2 jobs running
+    line = format_status(df, 6).splitlines()[-1]
+    assert line == (
+        "9 jobs: 1 finished, 2 running, 6 not started · sweep ETA: 14s "
+        "(the 6 not started at the listed jobs' mean time, 4s)"
+    )
+    (sweep / "multirun.yaml").write_text("hydra: {sweeper: {params: {x: 'interval(0, 1)'}}}")  # not a grid
+    assert launched_jobs(sweep) is None and not_started(df, [tmp_path]) == 0
