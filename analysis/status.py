@@ -101,6 +101,11 @@ def not_started(df: pd.DataFrame, paths: Iterable[str | Path] | str | Path) -> i
     return missing
 
 
+def mean_job_s(df: pd.DataFrame) -> float:
+    """The listed jobs' mean time: epochs planned x mean epoch time; NaN when no job has a time yet."""
+    return float((df["epochs_planned"] * df["epoch_s"]).mean())
+
+
 def sweep_eta(df: pd.DataFrame, not_started: int = 0) -> float:
     """Seconds until the sweep ends: the listed jobs' time left plus not_started jobs at the listed jobs' mean
     time (epochs planned x mean epoch time), shared by the jobs running now (1 for a one-process sweep, n_jobs
@@ -112,7 +117,7 @@ def sweep_eta(df: pd.DataFrame, not_started: int = 0) -> float:
         return math.nan
     left = float(running["eta_s"].sum())
     if not_started:
-        left += not_started * float((df["epochs_planned"] * df["epoch_s"]).mean())  # NaN if no job has a time
+        left += not_started * mean_job_s(df)
     return left / max(1, int((running["eta_s"] > 0).sum()))
 
 
@@ -156,8 +161,7 @@ def format_status(df: pd.DataFrame, not_started: int = 0) -> str:
     summary = ", ".join(f"{n} {k}" for k, n in counts.items())
     eta = _duration(sweep_eta(df, not_started))
     if not_started and eta != "unknown":
-        mean = _duration(float((df["epochs_planned"] * df["epoch_s"]).mean()))
-        eta += f" (the {not_started} not started at the listed jobs' mean time, {mean})"
+        eta += f" (the {not_started} not started at the listed jobs' mean time, {_duration(mean_job_s(df))})"
     out += ["", f"{len(df) + not_started} jobs: {summary or 'none'} · sweep ETA: {eta}"]
     return "\n".join(out)
 
