@@ -646,44 +646,37 @@ def resolve_steps(spec: str) -> tuple[list[str], list[str]]:
     return [s for s in STEPS if s in names], bad
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark from the command line; print the tables and write CSV (and Markdown)."""
-    args = parse_args(argv)
-    steps, bad = resolve_steps(args.steps)
-    if bad or not steps:
-        print(
-            f"benchmark: error: unknown step(s) {', '.join(bad) or repr(args.steps)}; "
-            f"valid steps: {', '.join(STEPS)} (or 'all')",
-            file=sys.stderr,
-        )
-        return 2
+def _resolve_device(args: argparse.Namespace) -> torch.device | None:
+    """The device the arguments ask for, or None after printing why they cannot run (one line on stderr)."""
     if args.device == "cuda" and not torch.cuda.is_available():
         print("benchmark: error: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
-        return 2
-    device = torch.device(
-        "cuda"
-        if args.device == "auto" and torch.cuda.is_available()
-        else "cpu"
-        if args.device == "auto"
-        else args.device
-    )
+        return None
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
     if args.clock == "process" and device.type != "cpu":
         print(
             f"benchmark: error: --clock process measures CPU time, not {device.type}: add --device cpu", file=sys.stderr
         )
-        return 2
-    d = DEFAULTS[device.type]
-    batch = args.batch_size or d["batch_size"]
-    min_run_time = args.min_run_time or d["min_run_time"]
-    timing = f"Timer.timeit({args.iters})" if args.iters else f"blocked_autorange(min_run_time={min_run_time:g}s)"
-    dtypes = args.modes or [args.dtype]
-    tf32 = args.tf32 == "on"
+        return None
+    return device
 
-    command = "python -m ablations.benchmark " + shlex.join(sys.argv[1:] if argv is None else list(argv))
+
+def _header(
+    args: argparse.Namespace,
+    argv: Sequence[str] | None,
+    device: torch.device,
+    now: datetime.datetime,
+    batch: int,
+    timing: str,
+    dtypes: list[str],
+) -> list[str]:
+    """The lines that say what was measured, where and how: printed first, and the Markdown file's preamble."""
     import timm
 
-    now = datetime.datetime.now()
-    header = [
+    command = "python -m ablations.benchmark " + shlex.join(sys.argv[1:] if argv is None else list(argv))
+    return [
         f"date: {now.isoformat(timespec='seconds')}",
         f"device: {device.type}, {device_name(device)}; torch {torch.__version__}; timm {timm.__version__}; "
         f"threads {torch.get_num_threads()}",
@@ -695,13 +688,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"clock {args.clock}" + (" (images per CPU-second of this process)" if args.clock == "process" else ""),
         f"command: {command}",
     ]
-    print("\n".join(header), flush=True)
 
-    factories = model_factories(steps, args.regime, args.num_classes, args.timm)
-    frames = []
+
+def _measure_modes(
+    args: argparse.Namespace,
+    factories: dict[str, Callable[[], nn.Module]],
+    device: torch.device,
+    batch: int,
+    min_run_time: float,
+    dtypes: list[str],
+) -> tuple[list[pd.DataFrame], list[tuple[str, str, str]], int | None, str | None]:
+    """Benchmark every mode (dtype) in turn, printing each table as it ends.
+
+    Returns (frames, sections, stopped, dtype): the per-mode results with ratios, their Markdown sections
+    (mode, note, table), the repeat a SIGTERM stopped in (None when complete) and the last mode visited.
+    """
+    frames, sections, stopped, dtype = [], [], None, None
     target = TARGET[device.type]
-    sections = []
-    stopped = None
     for dtype in dtypes:
         with stop_on_sigterm():
             df = benchmark(
@@ -717,7 +720,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 dtype=dtype,
                 channels_last=args.channels_last,
                 compile=args.compile,
-                tf32=tf32,
+                tf32=args.tf32 == "on",
                 progress=False if args.no_progress else None,
                 clock=args.clock,
                 compile_backend=args.compile_backend,
@@ -736,19 +739,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         sections.append((mode, note, format_table(df, markdown=True, target=target)))
         if stopped is not None:
             break
-    if stopped is not None:  # the files below then hold what was measured
-        header.append(f"STOPPED by SIGTERM in repeat {stopped} of {args.repeats} ({dtype}): partial results")
-        print("\n" + header[-1], flush=True)
-    if not frames:
-        return 143
-    result = pd.concat(frames, ignore_index=True)
+    return frames, sections, stopped, dtype
 
-    footer = []
-    if args.flops and stopped is None:
-        secs, n = time_flops(args.regime)
-        footer.append(f"fvcore counting of the {args.regime} roadmap table ({n} rows at 224px): {secs:.1f}s")
-        print("\n" + footer[-1])
 
+def _write(
+    args: argparse.Namespace,
+    device: torch.device,
+    now: datetime.datetime,
+    result: pd.DataFrame,
+    header: list[str],
+    sections: list[tuple[str, str, str]],
+    footer: list[str],
+) -> None:
+    """The CSV (always; a dated name under runs/benchmark/ unless --csv) and, with --markdown, the Markdown file."""
     csv = Path(args.csv or f"runs/benchmark/benchmark_{device.type}_{now:%Y%m%d-%H%M%S}.csv")
     csv.parent.mkdir(parents=True, exist_ok=True)
     result.to_csv(csv, index=False)
@@ -762,6 +765,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         text += [f"- {f}" for f in footer]
         md.write_text("\n".join(text).rstrip() + "\n")
         print(f"wrote {md}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark from the command line; print the tables and write CSV (and Markdown).
+
+    Exit status: 0 when complete, 2 for a bad argument, 143 (128 + SIGTERM) when stopped early.
+    """
+    args = parse_args(argv)
+    steps, bad = resolve_steps(args.steps)
+    if bad or not steps:
+        print(
+            f"benchmark: error: unknown step(s) {', '.join(bad) or repr(args.steps)}; "
+            f"valid steps: {', '.join(STEPS)} (or 'all')",
+            file=sys.stderr,
+        )
+        return 2
+    device = _resolve_device(args)
+    if device is None:
+        return 2
+    d = DEFAULTS[device.type]
+    batch = args.batch_size or d["batch_size"]
+    min_run_time = args.min_run_time or d["min_run_time"]
+    timing = f"Timer.timeit({args.iters})" if args.iters else f"blocked_autorange(min_run_time={min_run_time:g}s)"
+    dtypes = args.modes or [args.dtype]
+    now = datetime.datetime.now()
+    header = _header(args, argv, device, now, batch, timing, dtypes)
+    print("\n".join(header), flush=True)
+
+    factories = model_factories(steps, args.regime, args.num_classes, args.timm)
+    frames, sections, stopped, dtype = _measure_modes(args, factories, device, batch, min_run_time, dtypes)
+    if stopped is not None:  # the files below then hold what was measured
+        header.append(f"STOPPED by SIGTERM in repeat {stopped} of {args.repeats} ({dtype}): partial results")
+        print("\n" + header[-1], flush=True)
+    if not frames:
+        return 143
+
+    footer = []
+    if args.flops and stopped is None:
+        secs, n = time_flops(args.regime)
+        footer.append(f"fvcore counting of the {args.regime} roadmap table ({n} rows at 224px): {secs:.1f}s")
+        print("\n" + footer[-1])
+    _write(args, device, now, pd.concat(frames, ignore_index=True), header, sections, footer)
     return 0 if stopped is None else 143  # 128 + SIGTERM
 
 

@@ -197,25 +197,12 @@ def is_transfer(df: pd.DataFrame) -> pd.Series:
     return flag("head_set") | flag("classes") | flag("pretrained")
 
 
-def load_run(run_dir: str | Path) -> dict:
-    """One row for one run folder; never raises, a folder it cannot read gets status 'broken'."""
-    run_dir = Path(run_dir)
-    row = {c: NAN for c in RUN_COLUMNS}
-    row.update(run_dir=str(run_dir), status="running", error="")
-    errors = []
-
-    cfg_path = run_dir / "config.yaml"
-    try:
-        cfg = yaml.safe_load(cfg_path.read_text())
-        if not isinstance(cfg, dict):
-            raise ValueError("not a mapping")
-    except Exception as e:  # any YAML/OS error: the row must still exist
-        errors.append(f"config.yaml: {e}")
-        cfg = {}
+def _config_fields(cfg: dict) -> dict:
+    """The row's fields that config.yaml says: what the run is (step, bar, toggles, seed, regime, data, recipe)."""
     step = cfg.get("step")
     roadmap = cfg.get("roadmap") if isinstance(cfg.get("roadmap"), dict) else {}
     without = left_out(cfg.get("without")) if isinstance(cfg.get("without") or [], (list, str)) else []
-    row.update(
+    return dict(
         step=step,
         bar=cfg.get("bar") or step,  # old runs have no bar key: then the bar is the step
         roadmap=roadmap.get("name") or PAPER,  # runs without toggles (and from before them) walked the paper's
@@ -229,6 +216,41 @@ def load_run(run_dir: str | Path) -> dict:
         epochs_planned=_num(_get(cfg, "train", "epochs")),
         **_transfer_fields(cfg),
     )
+
+
+def _apply_summary(row: dict, summary: dict, has_metrics: bool) -> None:
+    """Fill row from summary.json: status, final numbers, device, code; fields config.yaml could not give."""
+    row["status"] = summary.get("status") or "finished"
+    row["error"] = str(summary.get("error") or "")
+    for key in ("top1", "top5", "wall_s", "best_top1", "best_epoch", "top1_ema", "best_top1_ema"):
+        if key in summary:
+            row[key] = _num(summary[key])
+    if row["status"] == "finished" and not has_metrics:
+        row["error"] = "metrics.jsonl missing: run its command again to rebuild it from last.pt"
+    row["device"] = summary.get("device", NAN)
+    row["code"] = summary.get("code") or NAN
+    for key in ("step", "bar", "regime", "profile", "seed"):
+        if row.get(key) is None and summary.get(key) is not None:  # e.g. config.yaml unreadable
+            row[key] = summary[key]
+    if row["epochs"] == 0 and summary.get("epochs") is not None:
+        row["epochs"] = int(_num(summary["epochs"])) if not math.isnan(_num(summary["epochs"])) else 0
+
+
+def load_run(run_dir: str | Path) -> dict:
+    """One row for one run folder; never raises, a folder it cannot read gets status 'broken'."""
+    run_dir = Path(run_dir)
+    row = {c: NAN for c in RUN_COLUMNS}
+    row.update(run_dir=str(run_dir), status="running", error="")
+    errors = []
+
+    try:
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+        if not isinstance(cfg, dict):
+            raise ValueError("not a mapping")
+    except Exception as e:  # any YAML/OS error: the row must still exist
+        errors.append(f"config.yaml: {e}")
+        cfg = {}
+    row.update(_config_fields(cfg))
 
     try:
         summary = _read_json(run_dir / "summary.json")
@@ -252,20 +274,7 @@ def load_run(run_dir: str | Path) -> dict:
     row["img_per_s"] = float(speeds.median()) if len(speeds) else NAN
 
     if summary is not None:
-        row["status"] = summary.get("status") or "finished"
-        row["error"] = str(summary.get("error") or "")
-        for key in ("top1", "top5", "wall_s", "best_top1", "best_epoch", "top1_ema", "best_top1_ema"):
-            if key in summary:
-                row[key] = _num(summary[key])
-        if row["status"] == "finished" and not metrics:
-            row["error"] = "metrics.jsonl missing: run its command again to rebuild it from last.pt"
-        row["device"] = summary.get("device", NAN)
-        row["code"] = summary.get("code") or NAN
-        for key in ("step", "bar", "regime", "profile", "seed"):
-            if row.get(key) is None and summary.get(key) is not None:  # e.g. config.yaml unreadable
-                row[key] = summary[key]
-        if row["epochs"] == 0 and summary.get("epochs") is not None:
-            row["epochs"] = int(_num(summary["epochs"])) if not math.isnan(_num(summary["epochs"])) else 0
+        _apply_summary(row, summary, has_metrics=bool(metrics))
     for key in COMPLEXITY_KEYS:
         value = _num((summary or {}).get(key))
         row[key] = value if not math.isnan(value) else _num(complexity.get(key))
