@@ -39,6 +39,13 @@ RESPONSES = {
     "img_per_s": ("training img/s", "img/s", 1),
 }
 CONTEXT = ["regime", "profile", "data", "recipe"]
+# A finished run whose final top-1 is at most COLLAPSE_FACTOR x chance (100 / its classes) has collapsed: it
+# learned nothing (e.g. a constant prediction, train loss stuck at ln(classes)). Such a run is not a measurement of
+# its model's accuracy but of its failure to train, and one of them moves every main effect by its distance to the
+# others (~75 points / 32 runs on Fashion-MNIST): the fit leaves it out and factorial.md / .json / the figure name
+# it. 1.5x chance sits far below any model that trained (the proxy's worst is 8x chance) and above a collapse's
+# exact chance level.
+COLLAPSE_FACTOR = 1.5
 KIND_COLOURS = {"factorial": "#1f4e79", "path": "#dd8452", "loo": "#55a868", "paper": "#9e9e9e"}
 
 
@@ -59,10 +66,18 @@ class FoundDesign:
         """The planned design matrix (points x factors, +-1)."""
         return self.points[self.factors].to_numpy(int)
 
-    def finished(self) -> pd.DataFrame:
-        """Finished runs with a top-1."""
+    def _done(self) -> pd.Series:
+        """Finished runs with a top-1 (a mask over runs)."""
         r = self.runs
-        return r[(r["status"] == "finished") & pd.to_numeric(r["top1"], errors="coerce").notna()]
+        return (r["status"] == "finished") & pd.to_numeric(r["top1"], errors="coerce").notna()
+
+    def finished(self) -> pd.DataFrame:
+        """Finished runs with a top-1 that trained (not collapsed): the runs the effects are fitted to."""
+        return self.runs[self._done() & ~collapsed(self.runs)]
+
+    def collapsed(self) -> pd.DataFrame:
+        """Finished runs that collapsed to chance level (COLLAPSE_FACTOR): reported, left out of the fit."""
+        return self.runs[self._done() & collapsed(self.runs)]
 
     def missing(self) -> pd.DataFrame:
         """Planned points without a finished run, with what became of their runs (failed, running, or no folder)."""
@@ -71,7 +86,9 @@ class FoundDesign:
         for _, p in self.points.iterrows():
             if p["key"] in done:
                 continue
-            states = sorted(set(self.runs.loc[self.runs["key"] == p["key"], "status"].astype(str)))
+            here = self.runs["key"] == p["key"]
+            states = sorted(set(self.runs.loc[here, "status"].astype(str)) - {"finished"})
+            states += ["collapsed"] if (here & self._done()).any() else []
             rows.append({"without": p["without"], "status": ", ".join(states) or "no run folder"})
         return pd.DataFrame(rows, columns=["without", "status"])
 
@@ -79,6 +96,13 @@ class FoundDesign:
     def complete(self) -> bool:
         """Whether every planned point has a finished run."""
         return self.missing().empty
+
+
+def collapsed(runs: pd.DataFrame) -> pd.Series:
+    """Whether each run's top-1 is at most COLLAPSE_FACTOR x its chance level (False where classes are unknown)."""
+    top1 = pd.to_numeric(runs["top1"], errors="coerce")
+    classes = pd.to_numeric(runs["num_classes"], errors="coerce") if "num_classes" in runs else np.nan
+    return (top1 <= COLLAPSE_FACTOR * 100 / classes).fillna(False).astype(bool)
 
 
 def _key(step, without, roadmap_steps) -> frozenset | None:
@@ -366,6 +390,10 @@ def analyse(design: FoundDesign, summary: pd.DataFrame) -> dict:
         "complete": bool(missing.empty),
         "points_finished": int(len(design.points) - len(missing)),
         "missing": missing.to_dict("records"),
+        "collapsed": [
+            {"without": r["without"], "seed": _none(r["seed"]), "top1": _none(r["top1"])}
+            for _, r in design.collapsed().iterrows()
+        ],
         "seeds": sorted({int(s) for s in design.finished()["seed"].dropna()}),
         "estimated_from": "the complete design"
         if missing.empty
@@ -444,6 +472,15 @@ def factorial_markdown(records: list[dict]) -> str:
                 f"below is estimated from {rec['estimated_from']}.** Missing:",
                 "",
                 *[f"- without={m['without'] or '[]'} ({m['status']})" for m in rec["missing"]],
+                "",
+            ]
+        if collapsed := rec.get("collapsed"):
+            out += [
+                f"**Collapsed: {len(rec['collapsed'])} finished run(s) ended at chance level (top-1 at most "
+                f"{COLLAPSE_FACTOR:g}x chance) and are left out of every effect below; their points are estimated "
+                "from their other seeds:**",
+                "",
+                *[f"- without={c['without'] or '[]'}, seed {c['seed']}: top-1 {c['top1']:.2f}" for c in collapsed],
                 "",
             ]
         top1 = rec["responses"].get("top1")
@@ -613,12 +650,16 @@ def _header(fig: Figure, ax, rec: dict) -> None:
     held = "ConvNeXt" if not rec["fixed_off"] else f"ConvNeXt without {', '.join(rec['fixed_off'])}"
     note = f"steps not varied held as in {held} · {', '.join(v for v in rec['context'].values() if v)}"
     ax.text(0, 1.05, note, transform=ax.transAxes, fontsize=8.5, color="dimgrey")
+    warnings = []
     if not rec["complete"]:
-        text = (
+        warnings.append(
             f"INCOMPLETE: {len(rec['missing'])} of {rec['points']} points missing; effects estimated from "
             f"{rec['estimated_from']}"
         )
-        ax.text(0, 1.1, text, transform=ax.transAxes, fontsize=9, color="#d62728", fontweight="bold")
+    if rec.get("collapsed"):
+        warnings.append(f"{len(rec['collapsed'])} run(s) collapsed to chance level, left out (see factorial.md)")
+    if warnings:
+        ax.text(0, 1.1, " · ".join(warnings), transform=ax.transAxes, fontsize=9, color="#d62728", fontweight="bold")
 
 
 def _legend(fig: Figure, kinds: list[str]) -> None:

@@ -31,6 +31,7 @@ RUN_COLUMNS = [
     "params", "paper_params", "gflops", "gflops_total", "train_gflops", "epochs", "epochs_planned", "wall_s",
     "device", "order", "roadmap", "roadmap_steps", "without", "base_bar", "code", "img_per_s", "best_top1",
     "best_epoch", "top1_ema", "best_top1_ema", "head", "head_set", "classes", "pretrained", "freeze_epochs",
+    "num_classes",
 ]  # fmt: skip
 # best_top1 / best_epoch: the best evaluated epoch (the figure plots top1, the last epoch's); *_ema: the EMA's
 # toggles (issue 12): roadmap = name of the order step= walked (paper for the paper's), roadmap_steps = that order
@@ -40,7 +41,8 @@ RUN_COLUMNS = [
 # heads and fine-tuning (issue 26): head = the head the model got (model.head, else the step's own), head_set =
 # whether model.head was given; classes = data.classes comma-joined ("" for all); pretrained = the run's pretrained=
 # ("" for none); freeze_epochs = finetune.freeze_epochs. Runs with any of these are heads runs (analysis.heads), not
-# the roadmap's bars.
+# the roadmap's bars. num_classes = the classes the run is scored on (len(data.classes), else data.num_classes): its
+# chance level, 100 / num_classes, tells a collapsed run (analysis.factorial.collapsed).
 COMPLEXITY_KEYS = ("params", "paper_params", "gflops", "gflops_total", "train_gflops")
 # epochs.csv, written beside results.csv: one row per finished epoch of every run (its metrics.jsonl line), so a
 # results.csv kept without its run folders (docs/) still draws the learning curves
@@ -180,6 +182,7 @@ def _transfer_fields(cfg: dict) -> dict:
         "classes": ",".join(map(str, classes)) if isinstance(classes, list) else "",
         "pretrained": str(pretrained) if pretrained else "",
         "freeze_epochs": _num(_get(cfg, "finetune", "freeze_epochs", default=0)),
+        "num_classes": len(classes) if isinstance(classes, list) else _num(_get(cfg, "data", "num_classes")),
     }
 
 
@@ -222,7 +225,7 @@ def _apply_summary(row: dict, summary: dict, has_metrics: bool) -> None:
     """Fill row from summary.json: status, final numbers, device, code; fields config.yaml could not give."""
     row["status"] = summary.get("status") or "finished"
     row["error"] = str(summary.get("error") or "")
-    for key in ("top1", "top5", "wall_s", "best_top1", "best_epoch", "top1_ema", "best_top1_ema"):
+    for key in ("top1", "top5", "wall_s", "best_top1", "best_epoch", "top1_ema", "best_top1_ema", "num_classes"):
         if key in summary:
             row[key] = _num(summary[key])
     if row["status"] == "finished" and not has_metrics:

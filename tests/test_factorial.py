@@ -273,7 +273,7 @@ def fake_run(root: Path, without, seed: int, top1: float, gflops: float = 4.46, 
     run = root / (step + _suffix("", list(without), "paper")) / f"seed{seed}"
     run.mkdir(parents=True)
     cfg = {"step": step, "bar": step, "seed": seed, "regime": {"name": "r50"}, "profile": "cpu",
-           "data": {"name": "fashion_mnist"}, "train": {"name": "modern", "epochs": 2}}  # fmt: skip
+           "data": {"name": "fashion_mnist", "num_classes": 10}, "train": {"name": "modern", "epochs": 2}}  # fmt: skip
     if without:
         cfg["without"] = list(without)
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
@@ -374,6 +374,33 @@ def test_missing_runs_are_reported_and_effects_labelled_as_estimated(tmp_path):
     md = (tmp_path / "factorial.md").read_text()
     assert "**Incomplete: 3 of 32 points have no finished run" in md and "(failed)" in md
     assert "INCOMPLETE: 3 of 32 points missing" in (tmp_path / "factorial.svg").read_text()
+
+
+def test_runs_collapsed_to_chance_are_named_and_left_out_of_the_fit(tmp_path):
+    """A run stuck at chance (top-1 10 % on 10 classes, as two seed-1 runs of the real sweep were) would move every
+    main effect by ~77 / 32 points; it is left out, named, and a point whose every seed collapsed is missing."""
+    from analysis import analyze
+
+    planted_sweep(tmp_path)
+    d = make_design()
+    dead = [(d.without(4), 1), (d.without(9), 0), (d.without(9), 1)]
+    for without, seed in dead:
+        shutil.rmtree(tmp_path / (FULL + _suffix("", without, "paper")) / f"seed{seed}")
+        fake_run(tmp_path, without, seed, 10.0)
+    analyze(tmp_path)
+    rec = json.loads((tmp_path / "factorial.json").read_text())["designs"][0]
+    assert sorted((c["without"], c["seed"], c["top1"]) for c in rec["collapsed"]) == sorted(
+        ("+".join(w), s, 10.0) for w, s in dead
+    )
+    assert rec["missing"] == [{"without": "+".join(d.without(9)), "status": "collapsed"}]
+    top1 = rec["responses"]["top1"]
+    assert top1["n_runs"] == 61 and top1["sigma"] < 2 * SIGMA
+    for step in FACTORS:
+        m = top1["main_effects"][step]
+        assert abs(m["effect"] - PLANTED.get(step, 0.0)) < 3 * m["se"], (step, m)
+    md = (tmp_path / "factorial.md").read_text()
+    assert "**Collapsed: 3 finished run(s) ended at chance level" in md and "seed 1: top-1 10.00" in md
+    assert "3 run(s) collapsed to chance level, left out" in (tmp_path / "factorial.svg").read_text()
 
 
 @pytest.mark.slow  # three analyses with every figure: about 17 s
