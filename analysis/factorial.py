@@ -446,11 +446,16 @@ def _headline(rec: dict) -> str:
     res = rec["resolution"]
     kind = "full factorial" if res is None else f"resolution {ROMAN.get(res, res)}"
     ctx = ", ".join(v for v in rec["context"].values() if v)
-    seeds = len(rec["seeds"])
-    return (
-        f"{rec['points']}-run two-level design of {len(rec['factors'])} steps ({kind}), {seeds} seed"
-        f"{'s' * (seeds != 1)}, {ctx or 'no finished runs'}"
-    )
+    design = f"{rec['points']}-run two-level design of {len(rec['factors'])} steps ({kind})"
+    return f"{design}, {_seeds(rec)}, {ctx or 'no finished runs'}"
+
+
+def _seeds(rec: dict) -> str:
+    """ "2 seeds", plus the runs fitted when they are not points x seeds (runs missing or collapsed, or replicates
+    from other sweeps at the design's points, e.g. a roadmap's ConvNeXt)."""
+    seeds, n = len(rec["seeds"]), (rec["responses"].get("top1") or {}).get("n_runs")
+    label = f"{seeds} seed{'s' * (seeds != 1)}"
+    return label if n is None or n == rec["points"] * seeds else f"{label}, {n} runs fitted"
 
 
 def factorial_markdown(records: list[dict]) -> str:
@@ -640,10 +645,8 @@ def _header(fig: Figure, ax, rec: dict) -> None:
         if res is None
         else f"2^({k}-{k - int(math.log2(rec['points']))}) resolution " + str(ROMAN.get(res, res))
     )
-    seeds = len(rec["seeds"])
     fig.suptitle(
-        f"Which step buys what, averaged over contexts: {kind}, {rec['points']} runs x {seeds} "
-        f"seed{'s' * (seeds != 1)}",
+        f"Which step buys what, averaged over contexts: {kind}, {rec['points']} runs x {_seeds(rec)}",
         fontsize=12,
         fontweight="bold",
     )

@@ -400,6 +400,7 @@ def test_runs_collapsed_to_chance_are_named_and_left_out_of_the_fit(tmp_path):
         assert abs(m["effect"] - PLANTED.get(step, 0.0)) < 3 * m["se"], (step, m)
     md = (tmp_path / "factorial.md").read_text()
     assert "**Collapsed: 3 finished run(s) ended at chance level" in md and "seed 1: top-1 10.00" in md
+    assert "(resolution IV), 2 seeds, 61 runs fitted, r50" in md  # not "2 seeds" alone: 3 of the 64 are out
     assert "3 run(s) collapsed to chance level, left out" in (tmp_path / "factorial.svg").read_text()
 
 
