@@ -12,6 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from ablations import at_chance
 from ablations.config import check_override_keys, register
 from models import ConfigError
 
@@ -55,6 +56,11 @@ def main(cfg: DictConfig) -> float | None:
                 summary = train(cfg, run_dir, gpu_index=gpu)
             log.info("done: top-1 %.2f%% top-5 %.2f%% in %.0fs -> %s", summary["top1"], summary["top5"],
                      summary["wall_s"], run_dir)  # fmt: skip
+            if at_chance(summary["top1"], summary.get("num_classes")):
+                log.warning("top-1 %.2f%% is chance level for %d classes: the run learned nothing (training "
+                            "collapsed, e.g. to a constant prediction, or the data has no signal); try a lower lr or "
+                            "another seed. The factorial analysis leaves such runs out of its fit.", summary["top1"],
+                            summary["num_classes"])  # fmt: skip
             return summary["top1"]
         except D.Preempted as e:  # a checkpoint of the exact position is saved; no 'failed' summary
             print(f"preempted: {e}", file=sys.stderr)

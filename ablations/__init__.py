@@ -181,3 +181,17 @@ def table10_gflops_gain(step: str) -> float | None:
 def paper(name: str) -> Step:
     """The Step (with the paper's numbers) for a step or variant name."""
     return BY_NAME.get(name) or VARIANTS[name][2]
+
+
+# A finished run whose final top-1 is at most COLLAPSE_FACTOR x chance (100 / its classes) has collapsed: it learned
+# nothing (e.g. a constant prediction, train loss stuck at ln(classes)), as two runs of the factorial sweep did. The
+# trainer warns of it and the factorial analysis leaves such runs out of its fit. 1.5x chance sits far below any
+# proxy model that trained (the worst measured is 8x chance) and above a collapse's exact chance level.
+COLLAPSE_FACTOR = 1.5
+
+
+def at_chance(top1: float | None, num_classes: int | None) -> bool:
+    """Whether a top-1 (%) is at most COLLAPSE_FACTOR x chance for num_classes classes (False if either is unknown)."""
+    if top1 is None or not num_classes or top1 != top1:  # top1 != top1: NaN
+        return False
+    return top1 <= COLLAPSE_FACTOR * 100 / num_classes

@@ -24,7 +24,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from ablations import VARIANTS
+from ablations import COLLAPSE_FACTOR, VARIANTS
 from ablations.factorial import FACTORS, ROMAN, alias_chains, defining_words
 from analysis.figure import STYLE, _new_figure, _save
 from analysis.leave_one_out import leave_one_out, paper_gain
@@ -39,13 +39,6 @@ RESPONSES = {
     "img_per_s": ("training img/s", "img/s", 1),
 }
 CONTEXT = ["regime", "profile", "data", "recipe"]
-# A finished run whose final top-1 is at most COLLAPSE_FACTOR x chance (100 / its classes) has collapsed: it
-# learned nothing (e.g. a constant prediction, train loss stuck at ln(classes)). Such a run is not a measurement of
-# its model's accuracy but of its failure to train, and one of them moves every main effect by its distance to the
-# others (~75 points / 32 runs on Fashion-MNIST): the fit leaves it out and factorial.md / .json / the figure name
-# it. 1.5x chance sits far below any model that trained (the proxy's worst is 8x chance) and above a collapse's
-# exact chance level.
-COLLAPSE_FACTOR = 1.5
 KIND_COLOURS = {"factorial": "#1f4e79", "path": "#dd8452", "loo": "#55a868", "paper": "#9e9e9e"}
 
 
@@ -99,7 +92,9 @@ class FoundDesign:
 
 
 def collapsed(runs: pd.DataFrame) -> pd.Series:
-    """Whether each run's top-1 is at most COLLAPSE_FACTOR x its chance level (False where classes are unknown)."""
+    """Whether each run's top-1 is at most COLLAPSE_FACTOR x its chance level (False where classes are unknown).
+    Such a run measures its failure to train, not its model: one of them moves every main effect by its distance to
+    the others over the runs (~75 points / 32 on Fashion-MNIST), so the fit leaves it out and the outputs name it."""
     top1 = pd.to_numeric(runs["top1"], errors="coerce")
     classes = pd.to_numeric(runs["num_classes"], errors="coerce") if "num_classes" in runs else np.nan
     return (top1 <= COLLAPSE_FACTOR * 100 / classes).fillna(False).astype(bool)

@@ -376,6 +376,14 @@ def test_missing_runs_are_reported_and_effects_labelled_as_estimated(tmp_path):
     assert "INCOMPLETE: 3 of 32 points missing" in (tmp_path / "factorial.svg").read_text()
 
 
+def test_at_chance_is_top1_within_1_5x_of_chance():
+    from ablations import at_chance
+
+    assert at_chance(10.0, 10) and at_chance(15.0, 10) and not at_chance(15.01, 10) and not at_chance(83.67, 10)
+    assert at_chance(0.1, 1000) and not at_chance(1.0, 1000)
+    assert not at_chance(None, 10) and not at_chance(10.0, None) and not at_chance(float("nan"), 10)
+
+
 def test_runs_collapsed_to_chance_are_named_and_left_out_of_the_fit(tmp_path):
     """A run stuck at chance (top-1 10 % on 10 classes, as two seed-1 runs of the real sweep were) would move every
     main effect by ~77 / 32 points; it is left out, named, and a point whose every seed collapsed is missing."""

@@ -372,3 +372,12 @@ def test_a_typo_in_a_key_names_the_closest_and_the_valid_keys(tmp_path):
                          "unknown config key 'model.kernal_size'", "did you mean model.kernel_size?")  # fmt: skip
     assert "+model.kernal_size" not in last and "stem_stride" in last  # the valid keys, no append hint
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_at_chance_level_ends_with_a_warning(tmp_path):
+    """Synthetic data's labels carry no signal in one step: top-1 sits at chance, and the run says so."""
+    out = run("step=gelu", *SMOKE, "max_steps=1", f"hydra.run.dir={tmp_path / 'run'}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    top1 = json.loads((tmp_path / "run/summary.json").read_text())["top1"]
+    assert top1 <= 15.0, top1  # 10 classes: the warning's threshold is 1.5x chance
+    assert f"top-1 {top1:.2f}% is chance level for 10 classes: the run learned nothing" in out.stdout + out.stderr
