@@ -92,12 +92,16 @@ class FoundDesign:
 
 
 def collapsed(runs: pd.DataFrame) -> pd.Series:
-    """Whether each run's top-1 is at most COLLAPSE_FACTOR x its chance level (False where classes are unknown).
-    Such a run measures its failure to train, not its model: one of them moves every main effect by its distance to
-    the others over the runs (~75 points / 32 on Fashion-MNIST), so the fit leaves it out and the outputs name it."""
+    """Whether each run collapsed: its top-1 at most COLLAPSE_FACTOR x its chance level while the median run's is not
+    (False where classes are unknown). Such a run measures its failure to train, not its model: one of them moves
+    every main effect by its distance to the others over the runs (~75 points / 32 on Fashion-MNIST), so the fit
+    leaves it out and the outputs name it. When the median run is at chance too (data without signal, e.g. the smoke
+    profile's synthetic images), nothing learned and nothing is left out."""
     top1 = pd.to_numeric(runs["top1"], errors="coerce")
     classes = pd.to_numeric(runs["num_classes"], errors="coerce") if "num_classes" in runs else np.nan
-    return (top1 <= COLLAPSE_FACTOR * 100 / classes).fillna(False).astype(bool)
+    chance = (top1 <= COLLAPSE_FACTOR * 100 / classes).fillna(False).astype(bool)
+    learned = top1[~chance].notna().sum() > top1[chance].notna().sum()  # most runs with a top-1 are above chance
+    return chance & learned
 
 
 def _key(step, without, roadmap_steps) -> frozenset | None:

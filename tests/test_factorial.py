@@ -384,6 +384,15 @@ def test_at_chance_is_top1_within_1_5x_of_chance():
     assert not at_chance(None, 10) and not at_chance(10.0, None) and not at_chance(float("nan"), 10)
 
 
+def test_a_run_at_chance_collapsed_only_when_most_runs_learned():
+    from analysis.factorial import collapsed
+
+    runs = pd.DataFrame({"top1": [88.0, 10.0, 87.0, None], "num_classes": [10, 10, 10, 10]})
+    assert collapsed(runs).tolist() == [False, True, False, False]
+    noise = pd.DataFrame({"top1": [9.0, 11.5, 12.0, 31.0], "num_classes": 10})  # data without signal: all kept
+    assert not collapsed(noise).any()
+
+
 def test_runs_collapsed_to_chance_are_named_and_left_out_of_the_fit(tmp_path):
     """A run stuck at chance (top-1 10 % on 10 classes, as two seed-1 runs of the real sweep were) would move every
     main effect by ~77 / 32 points; it is left out, named, and a point whose every seed collapsed is missing."""
