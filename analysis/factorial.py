@@ -24,7 +24,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from ablations import COLLAPSE_FACTOR, VARIANTS
+from ablations import COLLAPSE_FACTOR, VARIANTS, at_chance
 from ablations.factorial import FACTORS, ROMAN, alias_chains, defining_words
 from analysis.figure import STYLE, _new_figure, _save
 from analysis.leave_one_out import leave_one_out, paper_gain
@@ -98,8 +98,8 @@ def collapsed(runs: pd.DataFrame) -> pd.Series:
     leaves it out and the outputs name it. When the median run is at chance too (data without signal, e.g. the smoke
     profile's synthetic images), nothing learned and nothing is left out."""
     top1 = pd.to_numeric(runs["top1"], errors="coerce")
-    classes = pd.to_numeric(runs["num_classes"], errors="coerce") if "num_classes" in runs else np.nan
-    chance = (top1 <= COLLAPSE_FACTOR * 100 / classes).fillna(False).astype(bool)
+    classes = pd.to_numeric(runs["num_classes"], errors="coerce") if "num_classes" in runs else [None] * len(runs)
+    chance = pd.Series([at_chance(t, c) for t, c in zip(top1, classes)], index=runs.index, dtype=bool)
     learned = top1[~chance].notna().sum() > top1[chance].notna().sum()  # most runs with a top-1 are above chance
     return chance & learned
 
@@ -480,7 +480,7 @@ def factorial_markdown(records: list[dict]) -> str:
             ]
         if collapsed := rec.get("collapsed"):
             out += [
-                f"**Collapsed: {len(rec['collapsed'])} finished run(s) ended at chance level (top-1 at most "
+                f"**Collapsed: {len(collapsed)} finished run(s) ended at chance level (top-1 at most "
                 f"{COLLAPSE_FACTOR:g}x chance) and are left out of every effect below; their points are estimated "
                 "from their other seeds:**",
                 "",
