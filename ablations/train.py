@@ -666,6 +666,12 @@ def train_step(run: Run, epoch: int, step: int, batches, meter: EpochMeter) -> N
     run.state.step = step + 1
 
 
+def _schedule_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The schedule's lr now: the largest group's (with finetune.layer_decay, group 0 is the stem's, at lr x d**n;
+    the head's group runs at the schedule's lr)."""
+    return max(g["lr"] for g in optimizer.param_groups)
+
+
 def log_point(run: Run, meter: EpochMeter, epoch: int, step: int, bar) -> None:
     """Every log_every steps: the loss read once on the host (every rank sees the same, so all stop together on
     NaN), the progress bar and the logger's loss (mean since the last point) and lr."""
@@ -677,7 +683,7 @@ def log_point(run: Run, meter: EpochMeter, epoch: int, step: int, bar) -> None:
             f"checkpoint is kept in {run.paths['ckpt']}. Try a lower train.lr, a longer "
             "train.warmup_epochs or train.clip_grad=1.0."
         )
-    lr_now = run.optimizer.param_groups[0]["lr"]
+    lr_now = _schedule_lr(run.optimizer)
     bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr_now:.2e}")
     interval = (total - meter.logged[0]) / max(1, meter.seen - meter.logged[1])
     global_step = (epoch - 1) * run.steps_per_epoch + step + 1
@@ -715,7 +721,7 @@ def end_epoch(run: Run, epoch: int, meter: EpochMeter, guard: D.PreemptionGuard)
     state, t = run.state, run.cfg.train
     train_loss = meter.total() / meter.seen
     epoch_s = meter.elapsed()
-    lr = run.optimizer.param_groups[0]["lr"]
+    lr = _schedule_lr(run.optimizer)
     rec = {"epoch": epoch, "train_loss": round(train_loss, 5), "lr": lr, "top1": None, "top5": None,
            "epoch_s": round(epoch_s, 2), "img_per_s": round(meter.seen / epoch_s, 1)}  # fmt: skip
     if res_schedule(run.cfg.data) is not None or run.cfg.data.get("eval_img_size") is not None:

@@ -214,6 +214,8 @@ def test_finetune_freezes_then_trains_all_and_resumes_exactly(tmp_path, compose_
     assert len({g["lr_scale"] for g in groups}) > 3 and max(g["lr_scale"] for g in groups) == 1.0
     cfg = compose_cfg(*SMOKE, *FT)
     assert {g["initial_lr"] for g in groups} == {T.lr_for(cfg.train, 1e-3)} != {T.lr_for(cfg.train)}
+    head_lr = next(g["lr"] for g in groups if g["lr_scale"] == 1.0)  # metrics log the schedule's lr, not the stem's
+    assert _metrics(tmp_path / "straight")[0]["lr"] == head_lr > min(g["lr"] for g in groups)
 
     pre.rename(tmp_path / "moved")  # a resumed fine-tune restores its own last.pt: the pretrained run is not read
     _train(compose_cfg, tmp_path / "resumed", f"pretrained={pre}", *FT)
