@@ -3,7 +3,8 @@ the whole schedule, and the epochs each run needs to reach 95 % of its final top
 
 The runs are those analysis.runs.is_transfer picks (model.head given, data.classes, or pretrained=): a +sweep=heads
 folder (the source task, trained from scratch) or a +sweep=heads_finetune folder (the target task), or both. Each
-phase gets its own rows; the figure draws the fine-tunes when there are any, else the source runs.
+task (TASK: phase, classes, epochs, frozen epochs) gets its own rows, so a 2-epoch and a 6-epoch fine-tune are never
+seeds of one mean; the figure draws one task, a fine-tune's when there are any.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ HEAD_COLOUR = {"linear": "#7f7f7f", "norm_linear": "#1f77b4", "fastai": "#ff7f0e
 BODY_TITLE = {"baseline": "ResNet body", "separate_downsampling": "ConvNeXt body"}
 RUN_COLUMNS = ["run_dir", "phase", "body", "head", "seed", "classes", "freeze_epochs", "epochs", "top1",
                "frozen_top1", "epochs_to_95"]  # fmt: skip
-SUMMARY_COLUMNS = ["phase", "body", "head", "n", "top1_mean", "top1_std", "frozen_top1_mean", "frozen_top1_std",
-                   "epochs_to_95_mean", "epochs_to_95_max", "epochs"]  # fmt: skip
+SUMMARY_COLUMNS = ["phase", "classes", "freeze_epochs", "body", "head", "n", "top1_mean", "top1_std",
+                   "frozen_top1_mean", "frozen_top1_std", "epochs_to_95_mean", "epochs_to_95_max",
+                   "epochs"]  # fmt: skip
 
 
 def _epochs_to(curve: pd.Series, share: float = TO_FINAL) -> float:
@@ -61,30 +63,55 @@ def heads_runs(runs: pd.DataFrame, epochs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=RUN_COLUMNS)
 
 
+# A task: what a run was trained on and for how long. Runs of different tasks are never pooled as seeds (say a
+# 2-epoch and a 6-epoch fine-tune of one body and head, or a source and a target task both trained from scratch).
+TASK = ["phase", "classes", "epochs", "freeze_epochs"]
+
+
+def _task(df: pd.DataFrame) -> pd.DataFrame:
+    """df with TASK's columns in one comparable form (classes as text, "" for all; epochs as numbers)."""
+    return df.assign(classes=df["classes"].fillna("").astype(str).replace("nan", ""),
+                     epochs=pd.to_numeric(df["epochs"], errors="coerce"),
+                     freeze_epochs=pd.to_numeric(df["freeze_epochs"], errors="coerce").fillna(0))  # fmt: skip
+
+
 def _key(df: pd.DataFrame) -> list:
-    """Rows in display order: fine-tunes first, the ResNet body before ConvNeXt, heads in HEAD_ORDER."""
+    """(TASK..., body, head) in display order: fine-tunes first, shorter schedules first, the ResNet body before
+    ConvNeXt, heads in HEAD_ORDER."""
     head = {h: i for i, h in enumerate(HEAD_ORDER)}
     body = {"baseline": 0, "separate_downsampling": 1}
-    return sorted(
-        df.groupby(["phase", "body", "head"]).groups,
-        key=lambda k: (k[0] != "finetune", body.get(k[1], 2), str(k[1]), head.get(k[2], len(head)), str(k[2])),
-    )
+
+    def order(k: tuple) -> tuple:
+        phase, classes, n_epochs, freeze, b, h = k
+        return phase != "finetune", str(classes), n_epochs, freeze, body.get(b, 2), str(b), head.get(h, len(head)), h
+
+    return sorted(_task(df).groupby([*TASK, "body", "head"], dropna=False).groups, key=order)
+
+
+def _select(df: pd.DataFrame, key: tuple) -> pd.DataFrame:
+    """The rows of df whose (TASK..., body, head) is key (or whose TASK is key, for a key of TASK's length)."""
+    t = _task(df)
+    mask = pd.Series(True, index=df.index)
+    for col, value in zip([*TASK, "body", "head"], key):
+        mask &= t[col] == value
+    return df[mask]
 
 
 def heads_summary(table: pd.DataFrame) -> pd.DataFrame:
-    """One row per (phase, body, head): mean and sample std over seeds of the final and frozen top-1, and the
+    """One row per task (TASK) x body x head: mean and sample std over seeds of the final and frozen top-1, and the
     mean and slowest epochs to 95 % of the final top-1."""
     rows = []
-    for phase, body, head in _key(table):
-        g = table[(table["phase"] == phase) & (table["body"] == body) & (table["head"] == head)]
+    for key in _key(table):
+        phase, classes, n_epochs, freeze, body, head = key
+        g = _select(table, key)
         t, f, e = (pd.to_numeric(g[c], errors="coerce").dropna() for c in ("top1", "frozen_top1", "epochs_to_95"))
         rows.append({
-            "phase": phase, "body": body, "head": head, "n": len(g),
+            "phase": phase, "classes": classes, "freeze_epochs": freeze, "body": body, "head": head, "n": len(g),
             "top1_mean": t.mean() if len(t) else math.nan, "top1_std": t.std(ddof=1) if len(t) > 1 else math.nan,
             "frozen_top1_mean": f.mean() if len(f) else math.nan,
             "frozen_top1_std": f.std(ddof=1) if len(f) > 1 else math.nan,
             "epochs_to_95_mean": e.mean() if len(e) else math.nan, "epochs_to_95_max": e.max() if len(e) else math.nan,
-            "epochs": pd.to_numeric(g["epochs"], errors="coerce").max(),
+            "epochs": n_epochs,
         })  # fmt: skip
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
@@ -96,16 +123,21 @@ def _pm(mean: float, std: float) -> str:
     return f"{mean:.2f}" + (f" ± {std:.2f}" if math.isfinite(std) else "")
 
 
+def _task_title(phase: str, classes: str, epochs: float, freeze: float) -> str:
+    """'Fine-tuned on the target classes (classes 5,6,7,8,9; 6 epochs, 1 frozen)'."""
+    what = "Fine-tuned on the target classes" if phase == "finetune" else "Trained from scratch"
+    frozen = f", {freeze:.0f} frozen" if freeze > 0 else ""
+    return f"{what} ({f'classes {classes}' if classes else 'all classes'}; {epochs:.0f} epochs{frozen})"
+
+
 def heads_markdown(summary: pd.DataFrame) -> str:
-    """The summary as Markdown, one table per phase."""
+    """The summary as Markdown, one table per task (TASK: phase, classes, epochs, frozen epochs)."""
     out = []
-    for phase, title in (("finetune", "Fine-tuned on the target classes"), ("pretrain", "Trained from scratch")):
-        s = summary[summary["phase"] == phase]
-        if not len(s):
-            continue
+    for task in dict.fromkeys(map(tuple, summary[TASK].itertuples(index=False))):
+        s = summary[(summary[TASK] == pd.Series(task, index=TASK)).all(axis=1)]
         header = (f"| body | head | n | top-1 after the frozen epochs (%) | top-1 at the end (%) | epochs to "
                   f"{TO_FINAL:.0%} of final (mean, slowest) | epochs |")  # fmt: skip
-        out += [f"### {title}", "", header, "|---|---|---:|---:|---:|---:|---:|"]
+        out += [f"### {_task_title(*task)}", "", header, "|---|---|---:|---:|---:|---:|---:|"]
         for _, r in s.iterrows():
             e, e_max = r["epochs_to_95_mean"], r["epochs_to_95_max"]
             e = f"{e:.2f}, {e_max:.0f}" if math.isfinite(e) else "–"
@@ -126,11 +158,20 @@ def heads_figure(table: pd.DataFrame, epochs: pd.DataFrame, out_stem: Path) -> F
         return _heads_figure(table, epochs, out_stem)
 
 
+def _figure_task(table: pd.DataFrame) -> tuple:
+    """The task (TASK's values) the figure draws: a fine-tune's if there is one, else a run from scratch; of
+    several, the one with the most runs, then the longest schedule (heads.md tables every task)."""
+    t = _task(table)
+    t = t[t["phase"] == ("finetune" if t["phase"].eq("finetune").any() else "pretrain")]
+    sizes = t.groupby(TASK, dropna=False).size().reset_index(name="n")
+    return tuple(sizes.sort_values(["n", "epochs"], ascending=False, kind="stable").iloc[0][TASK])
+
+
 def _heads_figure(table: pd.DataFrame, epochs: pd.DataFrame, out_stem: Path) -> Figure:
     """heads_figure's body, run inside the style context."""
-    phase = "finetune" if table["phase"].eq("finetune").any() else "pretrain"
-    t = table[table["phase"] == phase]
-    keys = [k[1:] for k in _key(t)]
+    task = _figure_task(table)
+    phase, t = task[0], _select(table, task)
+    keys = [k[len(TASK) :] for k in _key(t)]  # (body, head)
     fig = _new_figure((16, 6.0))
     ax_top, ax_curve, ax_ep = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1.3, 1.1, 0.9]})
     x = np.arange(len(keys)) + np.array([0.6 * (k[0] != keys[0][0]) for k in keys])  # a gap between the bodies
@@ -195,7 +236,9 @@ def _heads_figure(table: pd.DataFrame, epochs: pd.DataFrame, out_stem: Path) -> 
     seeds = f"{n.min()}" if len(n) and n.min() == n.max() else (f"{n.min()}-{n.max()}" if len(n) else "0")
     what = "fine-tuned on the target classes" if phase == "finetune" else "trained from scratch"
     plural = "" if seeds == "1" else "s"
-    fig.suptitle(f"Heads x bodies, {what} ({seeds} seed{plural} per pair)", fontsize=13, fontweight="bold")
+    schedule = f"{task[2]:.0f} epochs" + (f", {task[3]:.0f} frozen" if task[3] > 0 else "")
+    fig.suptitle(f"Heads x bodies, {what}, {schedule} ({seeds} seed{plural} per pair)", fontsize=13,
+                 fontweight="bold")  # fmt: skip
     _save(fig, out_stem)
     return fig
 

@@ -130,3 +130,32 @@ def test_plain_runs_are_not_heads_runs(tmp_path):
     runs = collect([tmp_path])
     assert not is_transfer(runs).any()
     assert "heads.md" not in analyze([tmp_path], tmp_path / "out")
+
+
+def test_runs_of_another_schedule_are_another_task_not_more_seeds(heads_sweeps, tmp_path):
+    """A 6-epoch fine-tune beside the 4-epoch ones (same body, head and classes) gets its own row and table; the
+    figure draws the task with the most runs."""
+    from analysis.heads import _figure_task
+
+    run = write_heads_run(tmp_path / "long", "baseline", "linear", 0, fine=True)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["train"]["epochs"] = 6
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    lines = [{"epoch": e, "train_loss": 1.0, "lr": 0.1, "top1": 50.0 + 2 * e, "top5": 99.0, "epoch_s": 1.0,
+              "img_per_s": 100.0} for e in range(1, 7)]  # fmt: skip
+    (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+    summary = json.loads((run / "summary.json").read_text()) | {"top1": 62.0, "epochs": 6}
+    (run / "summary.json").write_text(json.dumps(summary))
+    runs = collect([heads_sweeps, tmp_path / "long"])
+    table = heads_runs(runs, collect_epochs(runs))
+    s = heads_summary(table)
+    fine = s[(s["phase"] == "finetune") & (s["body"] == "baseline") & (s["head"] == "linear")].sort_values("epochs")
+    assert fine["epochs"].tolist() == [4, 6] and fine["n"].tolist() == [2, 1]
+    assert fine["top1_mean"].tolist() == pytest.approx([92.5 + 0.25, 62.0])  # not (92.5 + 93.0 + 62.0) / 3
+    assert fine["frozen_top1_mean"].tolist() == pytest.approx([90.25, 52.0])
+    assert _figure_task(table) == ("finetune", "5,6,7,8,9", 4, 1)
+    md = analyze([heads_sweeps, tmp_path / "long"], tmp_path / "out")["heads.md"].read_text()
+    assert "### Fine-tuned on the target classes (classes 5,6,7,8,9; 4 epochs, 1 frozen)" in md
+    assert "### Fine-tuned on the target classes (classes 5,6,7,8,9; 6 epochs, 1 frozen)" in md
+    assert "| ResNet body | linear | 1 | 52.00 | 62.00 | 5.00, 5 | 6 |" in md  # 59.0 >= 0.95 x 62 first at epoch 5
+    assert "### Trained from scratch (classes 0,1,2,3,4; 4 epochs)" in md
