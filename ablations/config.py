@@ -116,6 +116,7 @@ class FinetuneConfig:
     """Fine-tuning from `pretrained=` (a run folder, its last.pt or a timm / torchvision / official checkpoint)."""
 
     freeze_epochs: int = 0  # the first N epochs train the head only (body frozen), then everything (fastai fine_tune)
+    train_norm: bool = False  # the body's norm layers train while it is frozen (fastai's train_bn, True there)
     layer_decay: Optional[float] = None  # layer-wise lr decay (timm's create_optimizer_v2 layer_decay); null: off
     lr: Optional[float] = None  # the fine-tune's own peak lr at train.lr_base_batch (scaled as train.lr); null: off
 

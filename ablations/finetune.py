@@ -88,6 +88,11 @@ def check_finetune(cfg, resume_ckpt: str | None = None) -> None:
             f"finetune.freeze_epochs={freeze} freezes a body that nothing pretrained: set pretrained= (a run folder "
             "or a checkpoint file), or finetune.freeze_epochs=0"
         )
+    if ft is not None and ft.get("train_norm") and not freeze:
+        raise ConfigError(
+            "finetune.train_norm=true keeps the body's norm layers training while the body is frozen, but nothing is "
+            "frozen: set finetune.freeze_epochs (e.g. 1), or leave finetune.train_norm false"
+        )
     if ft is not None and ft.layer_decay is not None and not 0 < ft.layer_decay <= 1:
         raise ConfigError(f"finetune.layer_decay must be in (0, 1] (null: off), got {ft.layer_decay}")
     if ft is not None and ft.lr is not None and ft.lr <= 0:

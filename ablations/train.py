@@ -508,18 +508,32 @@ def setup_model(cfg, data: Data, device, info: D.DistInfo, run_dir: str):
     return model, wrap_model(cfg, model, device, info), cx
 
 
+# fastai's norm_types (fastai.torch_core), whose weights its train_bn=True keeps training in a frozen body
+NORM_TYPES = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.instancenorm._InstanceNorm, torch.nn.LayerNorm)
+
+
+def frozen_params(model: torch.nn.Module, train_norm: bool) -> list[torch.nn.Parameter]:
+    """The parameters a frozen body stops training: every one outside the head, less the norm layers' weights and
+    biases with train_norm (fastai's train_bn; timm's LayerNorm2d is an nn.LayerNorm)."""
+    norms = {id(p) for m in model.modules() if isinstance(m, NORM_TYPES) for p in m.parameters(recurse=False)}
+    return [p for n, p in model.named_parameters() if not n.startswith("head.") and not (train_norm and id(p) in norms)]
+
+
 def set_frozen(run, frozen: bool) -> None:
     """fastai's freeze / unfreeze: the body's parameters (stem, stages) stop or resume training, the head always
-    trains. The model stays in train mode, so the body's BatchNorm statistics still follow the batches. Under DDP /
-    torch.compile the training module is rebuilt: DDP syncs the parameters that need gradients when it is made."""
-    body = [p for n, p in run.model.named_parameters() if not n.startswith("head.")]
+    trains (and, with finetune.train_norm, the body's norm layers, as fastai's train_bn). The model stays in train
+    mode, so the body's BatchNorm statistics still follow the batches. Under DDP / torch.compile the training module
+    is rebuilt: DDP syncs the parameters that need gradients when it is made."""
+    body = frozen_params(run.model, bool(OmegaConf.select(run.cfg, "finetune.train_norm", default=False)))
+    n_body = len(frozen_params(run.model, False))
     if all(p.requires_grad != frozen for p in body):
         return
     for p in body:
         p.requires_grad_(not frozen)
     if run.train_model is not run.model:
         run.train_model = wrap_model(run.cfg, run.model, run.device, run.info)
-    log.info("body %s: %s", "frozen" if frozen else "unfrozen", "only the head trains" if frozen else "all trains")
+    trains = "the head and the body's norm layers train" if len(body) < n_body else "only the head trains"
+    log.info("body %s: %s", "frozen" if frozen else "unfrozen", trains if frozen else "all trains")
 
 
 def wrap_model(cfg, model, device, info: D.DistInfo):

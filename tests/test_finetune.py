@@ -134,6 +134,7 @@ def r200_run(tmp_path):
             "finetune.freeze_epochs=2 leaves no epoch to train the whole model in train.epochs=2",
         ),
         (("finetune.freeze_epochs=1", "train.epochs=2"), "finetune.freeze_epochs=1 freezes a body that nothing "),
+        (("finetune.train_norm=true", "pretrained=x.pt"), "but nothing is frozen: set finetune.freeze_epochs (e.g. 1)"),
         (
             ("data.classes=[0,10,-1]",),
             "data.classes=[0, 10, -1]: 10, -1 not a class of data=fashion_mnist, whose "
@@ -145,7 +146,18 @@ def r200_run(tmp_path):
         (("pretrained=R200/..",), "is a folder but not a run folder of this project (it has no last.pt)"),
         (("pretrained=R200/../nothing",), "/nothing does not exist: give a run folder of this project"),
     ],
-    ids=["head", "freeze", "freeze-alone", "outside", "twice", "empty", "regime", "not-a-run", "missing"],
+    ids=[
+        "head",
+        "freeze",
+        "freeze-alone",
+        "train-norm-alone",
+        "outside",
+        "twice",
+        "empty",
+        "regime",
+        "not-a-run",
+        "missing",
+    ],
 )
 def test_mistakes_are_one_paragraph_before_anything_is_made(tmp_path, preflight_cfg, capsys, r200_run, overrides,
                                                             expect):  # fmt: skip
@@ -229,6 +241,37 @@ def test_finetune_freezes_then_trains_all_and_resumes_exactly(tmp_path, compose_
     strip = [{k: v for k, v in r.items() if k not in ("epoch_s", "img_per_s")} for r in _metrics(tmp_path / "straight")]
     assert strip == [{k: v for k, v in r.items() if k not in ("epoch_s", "img_per_s")}
                      for r in _metrics(tmp_path / "resumed")]  # fmt: skip
+
+
+def test_train_norm_keeps_the_frozen_bodys_norm_layers_training(tmp_path, compose_cfg, quick, monkeypatch,
+                                                                 pretrained_run):  # fmt: skip
+    """finetune.train_norm (fastai's train_bn): in the frozen epoch the body's norm weights move, its convs do not;
+    without it nothing of the body moves (the test above)."""
+    import ablations.train as T
+
+    save = T.atomic_save
+
+    def save_then_die(obj, path):
+        save(obj, path)
+        raise Killed
+
+    monkeypatch.setattr(T, "atomic_save", save_then_die)
+    with pytest.raises(Killed):
+        no_decay = [o for o in FT if not o.startswith("finetune.layer_decay")]  # the stem's lr x 0.7**n: below 1 ulp
+        _train(compose_cfg, tmp_path / "ft", f"pretrained={pretrained_run}", *no_decay, "finetune.train_norm=true")
+    old, frozen = _ck(pretrained_run)["model"], _ck(tmp_path / "ft")
+    assert frozen["epoch"] == 1
+    norms = {
+        k for k in frozen["model"] if k.endswith((".weight", ".bias")) and ".norm" in k and not k.startswith("head.")
+    }
+    assert norms, sorted(frozen["model"])[:20]
+    for k, v in frozen["model"].items():
+        if k.startswith("head.") or "running" in k or "num_batches" in k:
+            continue
+        if k in norms:
+            assert not torch.equal(v, old[k]), k  # the norm layers of the frozen body trained
+        else:
+            assert torch.equal(v, old[k]), k  # everything else of the body stayed
 
 
 def test_the_classifier_is_kept_only_for_the_same_classes(compose_cfg, pretrained_run):
