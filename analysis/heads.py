@@ -25,9 +25,9 @@ TO_FINAL = 0.95  # "converged": the first evaluated epoch at or above this share
 HEAD_ORDER = ("linear", "norm_linear", "fastai", "fastai_convnext")
 HEAD_COLOUR = {"linear": "#7f7f7f", "norm_linear": "#1f77b4", "fastai": "#ff7f0e", "fastai_convnext": "#2ca02c"}
 BODY_TITLE = {"baseline": "ResNet body", "separate_downsampling": "ConvNeXt body"}
-RUN_COLUMNS = ["run_dir", "phase", "body", "head", "seed", "classes", "freeze_epochs", "epochs", "top1",
+RUN_COLUMNS = ["run_dir", "phase", "body", "head", "seed", "classes", "freeze_epochs", "finetune", "epochs", "top1",
                "frozen_top1", "epochs_to_95"]  # fmt: skip
-SUMMARY_COLUMNS = ["phase", "classes", "freeze_epochs", "body", "head", "n", "top1_mean", "top1_std",
+SUMMARY_COLUMNS = ["phase", "classes", "freeze_epochs", "finetune", "body", "head", "n", "top1_mean", "top1_std",
                    "frozen_top1_mean", "frozen_top1_std", "epochs_to_95_mean", "epochs_to_95_max",
                    "epochs"]  # fmt: skip
 
@@ -58,6 +58,7 @@ def heads_runs(runs: pd.DataFrame, epochs: pd.DataFrame) -> pd.DataFrame:
         rows.append({
             "run_dir": r["run_dir"], "phase": "finetune" if fine else "pretrain", "body": r["step"],
             "head": r["head"], "seed": r["seed"], "classes": r.get("classes", ""), "freeze_epochs": freeze,
+            "finetune": r.get("finetune", ""),
             "epochs": r["epochs"], "top1": r["top1"], "frozen_top1": float(frozen), "epochs_to_95": _epochs_to(curve),
         })  # fmt: skip
     return pd.DataFrame(rows, columns=RUN_COLUMNS)
@@ -65,12 +66,14 @@ def heads_runs(runs: pd.DataFrame, epochs: pd.DataFrame) -> pd.DataFrame:
 
 # A task: what a run was trained on and for how long. Runs of different tasks are never pooled as seeds (say a
 # 2-epoch and a 6-epoch fine-tune of one body and head, or a source and a target task both trained from scratch).
-TASK = ["phase", "classes", "epochs", "freeze_epochs"]
+TASK = ["phase", "classes", "epochs", "freeze_epochs", "finetune"]
 
 
 def _task(df: pd.DataFrame) -> pd.DataFrame:
     """df with TASK's columns in one comparable form (classes as text, "" for all; epochs as numbers)."""
-    return df.assign(classes=df["classes"].fillna("").astype(str).replace("nan", ""),
+    text = {c: df[c].astype(object).fillna("").astype(str).replace("nan", "") if c in df else ""
+            for c in ("classes", "finetune")}  # fmt: skip
+    return df.assign(**text,
                      epochs=pd.to_numeric(df["epochs"], errors="coerce"),
                      freeze_epochs=pd.to_numeric(df["freeze_epochs"], errors="coerce").fillna(0))  # fmt: skip
 
@@ -82,8 +85,9 @@ def _key(df: pd.DataFrame) -> list:
     body = {"baseline": 0, "separate_downsampling": 1}
 
     def order(k: tuple) -> tuple:
-        phase, classes, n_epochs, freeze, b, h = k
-        return phase != "finetune", str(classes), n_epochs, freeze, body.get(b, 2), str(b), head.get(h, len(head)), h
+        phase, classes, n_epochs, freeze, settings, b, h = k
+        return (phase != "finetune", str(classes), n_epochs, freeze, settings, body.get(b, 2), str(b),
+                head.get(h, len(head)), h)  # fmt: skip
 
     return sorted(_task(df).groupby([*TASK, "body", "head"], dropna=False).groups, key=order)
 
@@ -102,11 +106,12 @@ def heads_summary(table: pd.DataFrame) -> pd.DataFrame:
     mean and slowest epochs to 95 % of the final top-1."""
     rows = []
     for key in _key(table):
-        phase, classes, n_epochs, freeze, body, head = key
+        phase, classes, n_epochs, freeze, settings, body, head = key
         g = _select(table, key)
         t, f, e = (pd.to_numeric(g[c], errors="coerce").dropna() for c in ("top1", "frozen_top1", "epochs_to_95"))
         rows.append({
-            "phase": phase, "classes": classes, "freeze_epochs": freeze, "body": body, "head": head, "n": len(g),
+            "phase": phase, "classes": classes, "freeze_epochs": freeze, "finetune": settings, "body": body,
+            "head": head, "n": len(g),
             "top1_mean": t.mean() if len(t) else math.nan, "top1_std": t.std(ddof=1) if len(t) > 1 else math.nan,
             "frozen_top1_mean": f.mean() if len(f) else math.nan,
             "frozen_top1_std": f.std(ddof=1) if len(f) > 1 else math.nan,
@@ -123,11 +128,12 @@ def _pm(mean: float, std: float) -> str:
     return f"{mean:.2f}" + (f" ± {std:.2f}" if math.isfinite(std) else "")
 
 
-def _task_title(phase: str, classes: str, epochs: float, freeze: float) -> str:
-    """'Fine-tuned on the target classes (classes 5,6,7,8,9; 6 epochs, 1 frozen)'."""
+def _task_title(phase: str, classes: str, epochs: float, freeze: float, settings: str) -> str:
+    """'Fine-tuned on the target classes (classes 5,6,7,8,9; 6 epochs, 1 frozen; layer_decay=0.7)'."""
     what = "Fine-tuned on the target classes" if phase == "finetune" else "Trained from scratch"
     frozen = f", {freeze:.0f} frozen" if freeze > 0 else ""
-    return f"{what} ({f'classes {classes}' if classes else 'all classes'}; {epochs:.0f} epochs{frozen})"
+    rest = f"; {settings}" if settings else ""
+    return f"{what} ({f'classes {classes}' if classes else 'all classes'}; {epochs:.0f} epochs{frozen}{rest})"
 
 
 def heads_markdown(summary: pd.DataFrame) -> str:
@@ -237,6 +243,7 @@ def _heads_figure(table: pd.DataFrame, epochs: pd.DataFrame, out_stem: Path) -> 
     what = "fine-tuned on the target classes" if phase == "finetune" else "trained from scratch"
     plural = "" if seeds == "1" else "s"
     schedule = f"{task[2]:.0f} epochs" + (f", {task[3]:.0f} frozen" if task[3] > 0 else "")
+    schedule += ", norm layers trained while frozen" if "train_norm=True" in task[4] else ""
     fig.suptitle(f"Heads x bodies, {what}, {schedule} ({seeds} seed{plural} per pair)", fontsize=13,
                  fontweight="bold")  # fmt: skip
     _save(fig, out_stem)

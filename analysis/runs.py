@@ -6,13 +6,14 @@ import json
 import math
 import os
 from collections.abc import Iterable
+from dataclasses import fields
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
 from ablations import ROADMAP, VARIANTS, Step, paper
-from ablations.config import PAPER, left_out, toggle_label
+from ablations.config import PAPER, FinetuneConfig, left_out, toggle_label
 from models import STEPS
 from models.heads import head_name
 from models.roadmap import ConfigError
@@ -31,7 +32,7 @@ RUN_COLUMNS = [
     "params", "paper_params", "gflops", "gflops_total", "train_gflops", "epochs", "epochs_planned", "wall_s",
     "device", "order", "roadmap", "roadmap_steps", "without", "base_bar", "code", "img_per_s", "best_top1",
     "best_epoch", "top1_ema", "best_top1_ema", "head", "head_set", "classes", "pretrained", "freeze_epochs",
-    "num_classes",
+    "finetune", "num_classes",
 ]  # fmt: skip
 # best_top1 / best_epoch: the best evaluated epoch (the figure plots top1, the last epoch's); *_ema: the EMA's
 # toggles (issue 12): roadmap = name of the order step= walked (paper for the paper's), roadmap_steps = that order
@@ -40,7 +41,8 @@ RUN_COLUMNS = [
 # img_per_s = training images/s, the median over the run's epochs (metrics.jsonl), a response of the factorial analysis
 # heads and fine-tuning (issue 26): head = the head the model got (model.head, else the step's own), head_set =
 # whether model.head was given; classes = data.classes comma-joined ("" for all); pretrained = the run's pretrained=
-# ("" for none); freeze_epochs = finetune.freeze_epochs. Runs with any of these are heads runs (analysis.heads), not
+# ("" for none); freeze_epochs = finetune.freeze_epochs; finetune = the other finetune.* keys that differ from their
+# defaults, "k=v" comma-joined in key order ("" for none). Runs with any of these are heads runs (analysis.heads), not
 # the roadmap's bars. num_classes = the classes the run is scored on (len(data.classes), else data.num_classes): its
 # chance level, 100 / num_classes, tells a collapsed run (analysis.factorial.collapsed).
 COMPLEXITY_KEYS = ("params", "paper_params", "gflops", "gflops_total", "train_gflops")
@@ -166,6 +168,14 @@ def _name(node):
     return node.get("name") if isinstance(node, dict) else node
 
 
+def _finetune_settings(cfg: dict) -> str:
+    """The run's finetune.* keys other than freeze_epochs that differ from their defaults (FinetuneConfig), as
+    "k=v, ..." in key order: "" for a run from scratch and for one from before those keys."""
+    node = cfg.get("finetune") if isinstance(cfg.get("finetune"), dict) else {}
+    defaults = {f.name: f.default for f in fields(FinetuneConfig)}
+    return ", ".join(f"{k}={v}" for k, v in sorted(node.items()) if k != "freeze_epochs" and v != defaults.get(k))
+
+
 def _transfer_fields(cfg: dict) -> dict:
     """The heads / fine-tuning columns of a run's config (empty for runs from before those keys)."""
     model = cfg.get("model") if isinstance(cfg.get("model"), dict) else {}
@@ -182,6 +192,7 @@ def _transfer_fields(cfg: dict) -> dict:
         "classes": ",".join(map(str, classes)) if isinstance(classes, list) else "",
         "pretrained": str(pretrained) if pretrained else "",
         "freeze_epochs": _num(_get(cfg, "finetune", "freeze_epochs", default=0)),
+        "finetune": _finetune_settings(cfg),
         "num_classes": len(classes) if isinstance(classes, list) else _num(_get(cfg, "data", "num_classes")),
     }
 
@@ -194,7 +205,7 @@ def is_transfer(df: pd.DataFrame) -> pd.Series:
     def flag(col: str) -> pd.Series:
         if col not in df.columns:
             return pd.Series(False, df.index)
-        v = df[col].fillna("").astype(str)  # a results.csv gives "True"/"False" (or nothing) for head_set
+        v = df[col].astype(object).fillna("").astype(str)  # a results.csv: "True"/"False" (or nothing) for head_set
         return v.str.lower().isin(("true", "1", "1.0")) if col == "head_set" else v.str.len().gt(0)
 
     return flag("head_set") | flag("classes") | flag("pretrained")

@@ -153,9 +153,25 @@ def test_runs_of_another_schedule_are_another_task_not_more_seeds(heads_sweeps, 
     assert fine["epochs"].tolist() == [4, 6] and fine["n"].tolist() == [2, 1]
     assert fine["top1_mean"].tolist() == pytest.approx([92.5 + 0.25, 62.0])  # not (92.5 + 93.0 + 62.0) / 3
     assert fine["frozen_top1_mean"].tolist() == pytest.approx([90.25, 52.0])
-    assert _figure_task(table) == ("finetune", "5,6,7,8,9", 4, 1)
+    assert _figure_task(table) == ("finetune", "5,6,7,8,9", 4, 1, "")
     md = analyze([heads_sweeps, tmp_path / "long"], tmp_path / "out")["heads.md"].read_text()
     assert "### Fine-tuned on the target classes (classes 5,6,7,8,9; 4 epochs, 1 frozen)" in md
     assert "### Fine-tuned on the target classes (classes 5,6,7,8,9; 6 epochs, 1 frozen)" in md
     assert "| ResNet body | linear | 1 | 52.00 | 62.00 | 5.00, 5 | 6 |" in md  # 59.0 >= 0.95 x 62 first at epoch 5
     assert "### Trained from scratch (classes 0,1,2,3,4; 4 epochs)" in md
+
+
+def test_fine_tunes_of_other_settings_are_another_task(heads_sweeps, tmp_path):
+    """A fine-tune with finetune.train_norm / layer_decay set is tabled apart from the plain ones of the same body,
+    head, classes and schedule; a folder from before a key (the key absent) counts as its default."""
+    run = write_heads_run(tmp_path / "norm", "baseline", "linear", 0, fine=True)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["finetune"] |= {"train_norm": True, "layer_decay": 0.7, "lr": None}  # lr at its default: not a setting
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    runs = collect([heads_sweeps, tmp_path / "norm"])
+    assert set(runs["finetune"].fillna("")) == {"", "layer_decay=0.7, train_norm=True"}
+    s = heads_summary(heads_runs(runs, collect_epochs(runs)))
+    fine = s[(s["phase"] == "finetune") & (s["body"] == "baseline") & (s["head"] == "linear")]
+    assert fine["n"].tolist() == [2, 1] and fine["finetune"].tolist() == ["", "layer_decay=0.7, train_norm=True"]
+    md = analyze([heads_sweeps, tmp_path / "norm"], tmp_path / "out")["heads.md"].read_text()
+    assert "(classes 5,6,7,8,9; 4 epochs, 1 frozen; layer_decay=0.7, train_norm=True)" in md
