@@ -234,7 +234,7 @@ def _heads_figure(table: pd.DataFrame, epochs: pd.DataFrame, out_stem: Path) -> 
     ax_curve.xaxis.get_major_locator().set_params(integer=True)
     ax_curve.set_title("Learning curves (mean over seeds)", loc="left", fontweight="bold", fontsize=10)
     if ax_curve.get_lines():
-        ax_curve.legend(fontsize=7, frameon=False, loc="best")
+        ax_curve.legend(fontsize=7, frameon=False, loc="best", handlelength=3.5)  # long enough to show the dashes
     ax_ep.set_ylabel(f"epochs to {TO_FINAL:.0%} of final top-1")
     ax_ep.yaxis.get_major_locator().set_params(integer=True)
     ax_ep.set_title(f"Epochs to {TO_FINAL:.0%} of final", loc="left", fontweight="bold", fontsize=10)
