@@ -192,6 +192,22 @@ class Killed(Exception):
     pass
 
 
+def _train_then_die(monkeypatch, compose_cfg, run_dir, *overrides) -> None:
+    """Train until the first checkpoint (the end of epoch 1 here) is written, then die as a killed process."""
+    import ablations.train as T
+
+    save = T.atomic_save
+
+    def save_then_die(obj, path):
+        save(obj, path)
+        raise Killed
+
+    monkeypatch.setattr(T, "atomic_save", save_then_die)
+    with pytest.raises(Killed):
+        _train(compose_cfg, run_dir, *overrides)
+    monkeypatch.setattr(T, "atomic_save", save)
+
+
 def test_finetune_freezes_then_trains_all_and_resumes_exactly(tmp_path, compose_cfg, quick, monkeypatch,
                                                               pretrained_run):  # fmt: skip
     """Pretrain on classes 0-4, fine-tune on 5-9 from the run folder: the frozen epoch moves only the head, the
@@ -205,16 +221,7 @@ def test_finetune_freezes_then_trains_all_and_resumes_exactly(tmp_path, compose_
     assert straight["num_classes"] == 5 and straight["epochs"] == 2
     assert straight["head"] == "fastai_convnext" and straight["pretrained"] == str(pre)
 
-    save = T.atomic_save
-
-    def save_then_die(obj, path):  # the process dies right after the frozen epoch's checkpoint
-        save(obj, path)
-        raise Killed
-
-    monkeypatch.setattr(T, "atomic_save", save_then_die)
-    with pytest.raises(Killed):
-        _train(compose_cfg, tmp_path / "resumed", f"pretrained={pre}", *FT)
-    monkeypatch.setattr(T, "atomic_save", save)
+    _train_then_die(monkeypatch, compose_cfg, tmp_path / "resumed", f"pretrained={pre}", *FT)
     old, frozen = _ck(pre)["model"], _ck(tmp_path / "resumed")
     assert frozen["epoch"] == 1
     for k, v in frozen["model"].items():
@@ -247,18 +254,9 @@ def test_train_norm_keeps_the_frozen_bodys_norm_layers_training(tmp_path, compos
                                                                  pretrained_run):  # fmt: skip
     """finetune.train_norm (fastai's train_bn): in the frozen epoch the body's norm weights move, its convs do not;
     without it nothing of the body moves (the test above)."""
-    import ablations.train as T
-
-    save = T.atomic_save
-
-    def save_then_die(obj, path):
-        save(obj, path)
-        raise Killed
-
-    monkeypatch.setattr(T, "atomic_save", save_then_die)
-    with pytest.raises(Killed):
-        no_decay = [o for o in FT if not o.startswith("finetune.layer_decay")]  # the stem's lr x 0.7**n: below 1 ulp
-        _train(compose_cfg, tmp_path / "ft", f"pretrained={pretrained_run}", *no_decay, "finetune.train_norm=true")
+    no_decay = [o for o in FT if not o.startswith("finetune.layer_decay")]  # the stem's lr x 0.7**n: below 1 ulp
+    _train_then_die(monkeypatch, compose_cfg, tmp_path / "ft", f"pretrained={pretrained_run}", *no_decay,
+                    "finetune.train_norm=true")  # fmt: skip
     old, frozen = _ck(pretrained_run)["model"], _ck(tmp_path / "ft")
     assert frozen["epoch"] == 1
     norms = {
