@@ -3,8 +3,8 @@ the whole schedule, and the epochs each run needs to reach 95 % of its final top
 
 The runs are those analysis.runs.is_transfer picks (model.head given, data.classes, or pretrained=): a +sweep=heads
 folder (the source task, trained from scratch) or a +sweep=heads_finetune folder (the target task), or both. Each
-task (TASK: phase, classes, epochs, frozen epochs) gets its own rows, so a 2-epoch and a 6-epoch fine-tune are never
-seeds of one mean; the figure draws one task, a fine-tune's when there are any.
+task (TASK: phase, classes, epochs, frozen epochs and the other finetune.* settings) gets its own rows, so a 2-epoch
+and a 6-epoch fine-tune are never seeds of one mean; the figure draws one task, a fine-tune's when there are any.
 """
 
 from __future__ import annotations
@@ -64,8 +64,8 @@ def heads_runs(runs: pd.DataFrame, epochs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=RUN_COLUMNS)
 
 
-# A task: what a run was trained on and for how long. Runs of different tasks are never pooled as seeds (say a
-# 2-epoch and a 6-epoch fine-tune of one body and head, or a source and a target task both trained from scratch).
+# A task: what a run was trained on, for how long and how it was fine-tuned. Runs of different tasks are never pooled
+# as seeds (say a 2-epoch and a 6-epoch fine-tune of one body and head, or a source and a target task from scratch).
 TASK = ["phase", "classes", "epochs", "freeze_epochs", "finetune"]
 
 
@@ -137,7 +137,7 @@ def _task_title(phase: str, classes: str, epochs: float, freeze: float, settings
 
 
 def heads_markdown(summary: pd.DataFrame) -> str:
-    """The summary as Markdown, one table per task (TASK: phase, classes, epochs, frozen epochs)."""
+    """The summary as Markdown, one table per task (TASK)."""
     out = []
     for task in dict.fromkeys(map(tuple, summary[TASK].itertuples(index=False))):
         s = summary[(summary[TASK] == pd.Series(task, index=TASK)).all(axis=1)]
