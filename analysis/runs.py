@@ -42,9 +42,10 @@ RUN_COLUMNS = [
 # heads and fine-tuning (issue 26): head = the head the model got (model.head, else the step's own), head_set =
 # whether model.head was given; classes = data.classes comma-joined ("" for all); pretrained = the run's pretrained=
 # ("" for none); freeze_epochs = finetune.freeze_epochs; finetune = the other finetune.* keys that differ from their
-# defaults, "k=v" comma-joined in key order ("" for none). Runs with any of these are heads runs (analysis.heads), not
-# the roadmap's bars. num_classes = the classes the run is scored on (len(data.classes), else data.num_classes): its
-# chance level, 100 / num_classes, tells a collapsed run (analysis.factorial.collapsed).
+# defaults, "k=v" comma-joined in key order ("" for none). Runs with model.head given, data.classes or pretrained=
+# are heads runs (analysis.heads), not the roadmap's bars. num_classes = the classes the run is scored on
+# (len(data.classes), else data.num_classes): its chance level, 100 / num_classes, tells a collapsed run
+# (analysis.factorial.collapsed).
 COMPLEXITY_KEYS = ("params", "paper_params", "gflops", "gflops_total", "train_gflops")
 # epochs.csv, written beside results.csv: one row per finished epoch of every run (its metrics.jsonl line), so a
 # results.csv kept without its run folders (docs/) still draws the learning curves
