@@ -56,13 +56,14 @@ def main(cfg: DictConfig) -> float | None:
                 summary = train(cfg, run_dir, gpu_index=gpu)
             log.info("done: top-1 %.2f%% top-5 %.2f%% in %.0fs -> %s", summary["top1"], summary["top5"],
                      summary["wall_s"], run_dir)  # fmt: skip
-            if at_chance(summary["top1"], summary.get("num_classes")) and cfg.data.name == "synthetic":
-                log.info("top-1 at chance level, as expected: synthetic data's labels are random")
-            elif at_chance(summary["top1"], summary.get("num_classes")):
-                log.warning("top-1 %.2f%% is chance level for %d classes: the run learned nothing (training "
-                            "collapsed, e.g. to a constant prediction, or the data has no signal); try a lower lr or "
-                            "another seed. The factorial analysis leaves such runs out of its fit.", summary["top1"],
-                            summary["num_classes"])  # fmt: skip
+            if at_chance(summary["top1"], summary.get("num_classes")):
+                if cfg.data.name == "synthetic":
+                    log.info("top-1 at chance level, as expected: synthetic data's labels are random")
+                else:
+                    log.warning("top-1 %.2f%% is chance level for %d classes: the run learned nothing (training "
+                                "collapsed, e.g. to a constant prediction, or the data has no signal); try a lower lr "
+                                "or another seed. The factorial analysis leaves such runs out of its fit.",
+                                summary["top1"], summary["num_classes"])  # fmt: skip
             return summary["top1"]
         except D.Preempted as e:  # a checkpoint of the exact position is saved; no 'failed' summary
             print(f"preempted: {e}", file=sys.stderr)
